@@ -1,0 +1,38 @@
+"""The ``moelpr`` command: ``moelpr upcycle ...``, ``moelpr eval ...``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# Subcommand -> module whose ``main(argv) -> int`` runs it; imported only when chosen, because the
+# heavy imports (torch, transformers) should not slow down ``moelpr --help``.
+SUBCOMMANDS = {
+    "upcycle": ("moelpr.upcycling", "upcycle a dense checkpoint into an MoE-LPR model"),
+    "eval": ("moelpr.evaluation.cli", "per-language perplexity and routing report of one or more models"),
+    "corpora": ("moelpr.corpora.cli", "build the demo corpora from Debian's LibreOffice help and fortunes"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: moelpr <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+    lines += ["", "Run 'moelpr <command> --help' for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        print(f"moelpr: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

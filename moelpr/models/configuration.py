@@ -1,0 +1,63 @@
+"""MoE-LPR settings shared by the model families' configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(kw_only=True, repr=False)
+class MoELPRConfigMixin:
+    r"""Fields and checks every ``*_moelpr`` config adds to its dense family's config.
+
+    num_experts: experts per MoE layer; expert 0 is the original FFN.
+    num_experts_per_tok: top-k experts each token is routed to.
+    moe_layers: indices of the upcycled layers; ``None`` upcycles every layer, the others stay dense.
+    router_aux_loss_coef: weight of the load-balancing loss.
+    lpr_loss_coef: weight of the Language Priors Routing loss (review stage).
+    output_router_logits: return router logits in the model output.
+    """
+
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
+    moe_layers: list[int] | None = None
+    router_aux_loss_coef: float = 0.01
+    lpr_loss_coef: float = 0.0
+    output_router_logits: bool = False
+
+    def validate_moe(self) -> None:
+        if self.num_experts < 2:
+            raise ValueError(f"num_experts must be at least 2 (expert 0 plus new experts), got {self.num_experts}.")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok (top-k) must be between 1 and num_experts={self.num_experts}, "
+                f"got {self.num_experts_per_tok}."
+            )
+        if self.moe_layers is not None:
+            bad = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
+            if bad or not self.moe_layers:
+                raise ValueError(
+                    f"moe_layers must be a non-empty list of layer indices in [0, {self.num_hidden_layers}), "
+                    f"got {self.moe_layers}."
+                )
+            self.moe_layers = sorted(set(self.moe_layers))
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.moe_layers is None or layer_idx in self.moe_layers
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    @classmethod
+    def from_dense(cls, dense_config: Any, **moe_fields: Any) -> MoELPRConfigMixin:
+        """The MoE config of an upcycled ``dense_config`` (same architecture fields, same dtype)."""
+        fields = dense_config.to_dict()
+        for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+            fields.pop(key, None)
+        return cls(**fields, **moe_fields)
+
+
+def dense_only_tp_plan(dense_config_class: type) -> dict[str, str]:
+    """The family's tensor-parallel plan without the entries naming the dense FFN, absent in MoE layers."""
+    return {k: v for k, v in dense_config_class.base_model_tp_plan.items() if ".mlp." not in k}

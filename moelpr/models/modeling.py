@@ -1,0 +1,145 @@
+"""What every ``*_moelpr`` causal LM adds to its dense family's causal LM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .moe import LossScale, MoELPRSparseBlock, RoutingContext, RoutingState, probe_loss_scale
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MoELPRCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """``loss`` is ``lm_loss`` plus the coefficient-weighted ``aux_loss`` (load balancing) and ``lpr_loss``.
+
+    ``aux_loss`` and ``lpr_loss`` are unweighted means over MoE layers; ``router_logits`` holds one
+    ``[batch * seq_len, num_experts]`` tensor per MoE layer when router logits are asked for.
+    """
+
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    lpr_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+def _micro_batch_share(labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> float:
+    """Share of the optimizer step's predicted tokens that this micro-batch holds.
+
+    When the trainer passes ``num_items_in_batch`` it normalises the LM loss by the tokens of the whole
+    (accumulated) step instead of dividing each micro-batch's mean; router losses, which are per-batch
+    means, get the same treatment so their weight does not grow with gradient accumulation.
+    """
+    if num_items_in_batch is None:
+        return 1.0
+    predicted = int((labels[..., 1:] != IGNORE_INDEX).sum())
+    return predicted / max(float(num_items_in_batch), 1.0)
+
+
+class MoELPRForCausalLMMixin:
+    """Turns a family's ``...ForCausalLM`` into its MoE-LPR form.
+
+    A concrete class lists this mixin first, then the dense causal LM, and names the family's FFN
+    class as ``expert_class``: the chosen layers' ``mlp`` become :class:`MoELPRSparseBlock`.
+    """
+
+    expert_class: type[nn.Module]
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self._routing_state = RoutingState()
+        for layer_idx in config.moe_layer_indices:
+            self.model.layers[layer_idx].mlp = MoELPRSparseBlock(
+                hidden_size=config.hidden_size,
+                num_experts=config.num_experts,
+                top_k=config.num_experts_per_tok,
+                make_expert=lambda: self.expert_class(config),
+                state=self._routing_state,
+            )
+        # Again, now that the MoE blocks exist: initialise their weights and register them.
+        self.post_init()
+
+    def moe_blocks(self) -> list[MoELPRSparseBlock]:
+        return [m for m in self.modules() if isinstance(m, MoELPRSparseBlock)]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        lang_mask: torch.Tensor | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> MoELPRCausalLMOutputWithPast:
+        r"""
+        lang_mask: ``[batch, seq_len]``, 1 on original-language ("old") tokens. Old-language tokens get
+            the LPR loss toward expert 0; without a mask no token does.
+        output_router_logits: return the router logits of every MoE layer (default: the config's).
+        """
+        config = self.config
+        if output_router_logits is None:
+            output_router_logits = config.output_router_logits
+        inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        batch, seq_len = inputs.shape[:2]
+        context = RoutingContext(
+            token_mask=_flat_token_mask(attention_mask, seq_len),
+            lang_mask=_flat_lang_mask(lang_mask, batch, seq_len),
+        )
+        num_moe_layers = len(config.moe_layer_indices)
+        share = 1.0
+        if labels is not None:
+            share = _micro_batch_share(labels, kwargs.get("num_items_in_batch"))
+            context.loss_weights = (
+                config.router_aux_loss_coef * share / num_moe_layers,
+                config.lpr_loss_coef * share / num_moe_layers,
+            )
+            context.loss_scale = LossScale()
+        self._routing_state.context = context
+
+        outputs = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+        records, context.records = context.records, []
+        aux_loss = torch.stack([r.balance_loss for r in records]).mean()
+        lpr_loss = torch.stack([r.lpr_loss for r in records]).mean()
+        loss = lm_loss = outputs.loss
+        if lm_loss is not None:
+            # The router-loss values are added detached: their gradients were already injected inside
+            # the MoE blocks (see moe.py), scaled by whatever reaches this loss through the probe.
+            weighted = share * (config.router_aux_loss_coef * aux_loss + config.lpr_loss_coef * lpr_loss)
+            loss = lm_loss + weighted.to(lm_loss.dtype) + probe_loss_scale(lm_loss, context.loss_scale)
+        return MoELPRCausalLMOutputWithPast(
+            loss=loss,
+            logits=outputs.logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            lm_loss=lm_loss,
+            aux_loss=aux_loss,
+            lpr_loss=lpr_loss,
+            router_logits=tuple(r.router_logits for r in records) if output_router_logits else None,
+        )
+
+
+def _flat_token_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """Non-padding tokens of this forward as a flat bool mask; ``None`` means all count.
+
+    A 2D mask may be longer than the inputs during cached generation; its last ``seq_len`` columns are
+    the current tokens. Packed-sequence masks hold segment ids, so any non-zero value is a token.
+    """
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return (attention_mask[:, -seq_len:] != 0).reshape(-1)
+
+
+def _flat_lang_mask(lang_mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.Tensor | None:
+    if lang_mask is None:
+        return None
+    if tuple(lang_mask.shape) != (batch, seq_len):
+        raise ValueError(
+            f"lang_mask must have the shape of input_ids ({batch}, {seq_len}), got {tuple(lang_mask.shape)}."
+        )
+    return lang_mask.reshape(-1).bool()

@@ -1,0 +1,55 @@
+"""Tiny random dense checkpoints with a locally trained tokenizer, so tests need no hub access."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+TOKENIZER_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A Mixture-of-Experts model routes every token to a few experts.",
+    "Magyarul: a gyors barna róka átugorja a lusta kutyát.",
+    "Türkçe: hızlı kahverengi tilki tembel köpeğin üzerinden atlar.",
+    "Ελληνικά: η γρήγορη καφέ αλεπού πηδά πάνω από το τεμπέλικο σκυλί.",
+]
+
+FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+
+
+def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(TOKENIZER_TEXT * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<pad>")
+
+
+def save_dense_model(path: Path, family: str = "llama", num_layers: int = 4, seed: int = 0, **overrides) -> Path:
+    """A tiny random dense model of ``family`` and its tokenizer, saved at ``path``."""
+    tokenizer = build_tokenizer()
+    config = FAMILIES[family](
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
