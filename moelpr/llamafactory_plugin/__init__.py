@@ -1,0 +1,94 @@
+"""LLaMA-Factory plugin: ``finetuning_type: moelpr`` for ``llamafactory-cli train``.
+
+LLaMA-Factory has no plugin interface, so :func:`apply` replaces a handful of its functions and
+classes at the narrowest points that see what MoE-LPR needs (listed in :func:`_patch_table`). Every
+patch targets one LLaMA-Factory release series; :func:`apply` refuses any other version instead of
+patching code it has not been checked against.
+
+The ``moelpr-llamafactory.pth`` startup hook installed with the package calls :func:`apply` as soon as
+``llamafactory.train.tuner`` is imported, so the plain ``llamafactory-cli`` (and the ``torchrun``
+workers it launches) pick the plugin up without a wrapper command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+SUPPORTED_LLAMAFACTORY = SpecifierSet(">=0.9.5,<0.9.6")
+
+_applied = False
+
+
+def check_llamafactory_version() -> str:
+    """The installed LLaMA-Factory version; raises if it is outside :data:`SUPPORTED_LLAMAFACTORY`."""
+    try:
+        installed = version("llamafactory")
+    except PackageNotFoundError:
+        raise RuntimeError(
+            f"moelpr's LLaMA-Factory plugin needs llamafactory{SUPPORTED_LLAMAFACTORY}, which is not installed."
+        ) from None
+    if Version(installed) not in SUPPORTED_LLAMAFACTORY:
+        raise RuntimeError(
+            f"moelpr's LLaMA-Factory plugin supports llamafactory{SUPPORTED_LLAMAFACTORY}, but {installed} is "
+            f"installed. Install a supported release (pip install 'llamafactory{SUPPORTED_LLAMAFACTORY}') or "
+            "uninstall moelpr."
+        )
+    return installed
+
+
+def _patch_table() -> list[tuple[str, str, Callable[[Any], Any]]]:
+    """(module, attribute, original -> replacement) for every patched LLaMA-Factory name.
+
+    Names bound with ``from x import y`` are patched in the module that calls them, not where they
+    are defined, so only the call sites MoE-LPR needs change.
+    """
+    from . import data, hparams, model, trainer
+
+    return [
+        # Argument parsing: the moelpr keys and the checks that need all argument groups.
+        ("llamafactory.hparams.parser", "_TRAIN_ARGS", hparams.extend_argument_classes),
+        ("llamafactory.hparams.parser", "_INFER_ARGS", hparams.extend_argument_classes),
+        ("llamafactory.hparams.parser", "_EVAL_ARGS", hparams.extend_argument_classes),
+        ("llamafactory.hparams.parser", "_parse_train_args", hparams.wrap_parse_train_args),
+        # Data: the dataset's language travels with each row, then with each token through packing.
+        ("llamafactory.data.parser", "DatasetAttr.join", data.wrap_dataset_attr_join),
+        ("llamafactory.data.converter", "get_dataset_converter", data.wrap_get_dataset_converter),
+        (
+            "llamafactory.data.processor.pretrain",
+            "PretrainDatasetProcessor.preprocess_dataset",
+            data.wrap_pretrain_preprocess,
+        ),
+        ("llamafactory.train.pt.workflow", "get_dataset", data.wrap_get_dataset),
+        ("llamafactory.train.pt.workflow", "DataCollatorForLanguageModeling", data.lang_mask_collator_class),
+        # Model: stage freeze rules and router-loss weights; ZeRO-3 leaf module.
+        ("llamafactory.model.loader", "init_adapter", model.wrap_init_adapter),
+        ("llamafactory.model.patcher", "add_z3_leaf_module", model.wrap_add_z3_leaf_module),
+        # Training: routing statistics in the logs, trainer_log.jsonl and the loss plots.
+        ("llamafactory.train.pt.workflow", "CustomTrainer", trainer.moelpr_trainer_class),
+        ("llamafactory.train.pt.workflow", "plot_loss", trainer.wrap_plot_loss),
+        ("llamafactory.train.tuner", "LogCallback", trainer.moelpr_log_callback_class),
+    ]
+
+
+def apply() -> None:
+    """Install the plugin into the imported LLaMA-Factory; safe to call more than once."""
+    global _applied
+    if _applied:
+        return
+    check_llamafactory_version()
+    for module_name, attribute, make_replacement in _patch_table():
+        owner = import_module(module_name)
+        *owner_path, name = attribute.split(".")
+        for part in owner_path:
+            owner = getattr(owner, part)
+        setattr(owner, name, make_replacement(getattr(owner, name)))
+    _applied = True
+
+
+__all__ = ["SUPPORTED_LLAMAFACTORY", "apply", "check_llamafactory_version"]

@@ -1,0 +1,184 @@
+"""The moelpr YAML keys, added to LLaMA-Factory's argument dataclasses, and the checks that need them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from llamafactory.extras.misc import has_tokenized_data
+from llamafactory.hparams import DataArguments, FinetuningArguments, ModelArguments, TrainingArguments
+
+MOELPR = "moelpr"
+POST_PRETRAIN = "post_pretrain"
+REVIEW = "review"
+OLD, NEW = "old", "new"
+LANGUAGES = (OLD, NEW)
+
+# The paper's settings: stage 1 balances the load, stage 2 pulls old-language tokens to expert 0.
+DEFAULT_AUX_LOSS_COEF = {POST_PRETRAIN: 0.01, REVIEW: 0.0}
+DEFAULT_LPR_LOSS_COEF = {POST_PRETRAIN: 0.0, REVIEW: 0.1}
+
+
+@dataclass
+class MoELPRFinetuningArguments(FinetuningArguments):
+    finetuning_type: Literal["lora", "oft", "freeze", "full", "moelpr"] = field(
+        default="lora",
+        metadata={"help": "Which fine-tuning method to use; `moelpr` trains an upcycled MoE-LPR model."},
+    )
+    moelpr_stage: Literal["post_pretrain", "review"] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "MoE-LPR stage: `post_pretrain` (stage 1) trains the new experts and the routers on new-language "
+                "text; `review` (stage 2, the original code's `train_only_router`) trains only the routers with "
+                "the LPR loss. Default: post_pretrain."
+            )
+        },
+    )
+    aux_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the load-balancing loss. Default: 0.01 in post_pretrain, 0 in review."},
+    )
+    lpr_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the LPR loss (review stage only). Default: 0.1 in review."},
+    )
+
+    def __post_init__(self) -> None:
+        moelpr_keys = {"moelpr_stage": self.moelpr_stage, "aux_loss_coef": self.aux_loss_coef}
+        moelpr_keys["lpr_loss_coef"] = self.lpr_loss_coef
+        if self.finetuning_type != MOELPR:
+            given = [key for key, value in moelpr_keys.items() if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(f'`{k}`' for k in given)} only apply with `finetuning_type: moelpr`.")
+            super().__post_init__()
+            return
+
+        # LLaMA-Factory asserts a closed list of methods; its checks of the other options treat
+        # moelpr like full tuning (a plain model, no adapter), so run them as such.
+        self.finetuning_type = "full"
+        try:
+            super().__post_init__()
+        finally:
+            self.finetuning_type = MOELPR
+
+        self.moelpr_stage = self.moelpr_stage or POST_PRETRAIN
+        if self.moelpr_stage == POST_PRETRAIN and self.lpr_loss_coef:
+            raise ValueError(
+                "`lpr_loss_coef` applies to the review stage only: post-pretraining (stage 1) sees new-language "
+                "text and trains the new experts; set `moelpr_stage: review` for the LPR loss, or drop the key."
+            )
+        if self.aux_loss_coef is None:
+            self.aux_loss_coef = DEFAULT_AUX_LOSS_COEF[self.moelpr_stage]
+        if self.lpr_loss_coef is None:
+            self.lpr_loss_coef = DEFAULT_LPR_LOSS_COEF[self.moelpr_stage]
+        if self.aux_loss_coef < 0 or self.lpr_loss_coef < 0:
+            raise ValueError("`aux_loss_coef` and `lpr_loss_coef` must not be negative.")
+
+
+@dataclass
+class MoELPRDataArguments(DataArguments):
+    generate_lang_mask: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Tag every token with its dataset's `language` from dataset_info.json (1 = old) and feed the "
+                "mask to the model as `lang_mask`. Required by the review stage."
+            )
+        },
+    )
+
+
+_EXTENDED = {FinetuningArguments: MoELPRFinetuningArguments, DataArguments: MoELPRDataArguments}
+
+
+def extend_argument_classes(argument_classes: list[type]) -> list[type]:
+    """LLaMA-Factory's list of argument dataclasses with the moelpr-extended ones in their place."""
+    return [_EXTENDED.get(cls, cls) for cls in argument_classes]
+
+
+def dataset_languages(dataset_names: list[str] | None, dataset_dir: str) -> dict[str, str | None]:
+    """``language`` of each named dataset in dataset_info.json (``None`` where it has none)."""
+    from llamafactory.data.parser import get_dataset_list
+
+    names = dataset_names or []
+    return {name: attr.language for name, attr in zip(names, get_dataset_list(names, dataset_dir))}
+
+
+def _check_model_is_moelpr(model_args: ModelArguments) -> None:
+    from llamafactory.model.loader import load_config
+
+    from .model import MOELPR_MODEL_TYPES
+
+    model_type = getattr(load_config(model_args), "model_type", None)
+    if model_type not in MOELPR_MODEL_TYPES:
+        raise ValueError(
+            f"`finetuning_type: moelpr` trains an upcycled MoE-LPR model, but {model_args.model_name_or_path} is "
+            f"a {model_type!r} model. Upcycle it first (`moelpr upcycle --model_path {model_args.model_name_or_path} "
+            "--output_path <moe_dir> --num_experts 4 --topk 2`) and set `model_name_or_path: <moe_dir>`."
+        )
+
+
+def _check_dataset_languages(data_args: MoELPRDataArguments, review: bool) -> None:
+    train = dataset_languages(data_args.dataset, data_args.dataset_dir)
+    languages = {**train, **dataset_languages(data_args.eval_dataset, data_args.dataset_dir)}
+    unknown = {name: lang for name, lang in languages.items() if lang is not None and lang not in LANGUAGES}
+    if unknown:
+        raise ValueError(
+            f"Unknown `language` in dataset_info.json: {unknown}. Use \"old\" for a language the model already "
+            "knows or \"new\" for one it is being taught."
+        )
+    missing = [name for name, lang in languages.items() if lang is None]
+    if data_args.generate_lang_mask and missing:
+        raise ValueError(
+            f"`generate_lang_mask: true` needs `\"language\": \"old\"` or `\"new\"` on every dataset in "
+            f"dataset_info.json; it is missing on: {', '.join(missing)}."
+        )
+    if review and OLD not in train.values():
+        raise ValueError(
+            "The review stage trains the routers to send old-language tokens to expert 0, so it needs at least one "
+            f'training dataset marked `"language": "old"` in dataset_info.json; got {train or "none"}.'
+        )
+
+
+def check_moelpr_args(
+    model_args: ModelArguments,
+    data_args: MoELPRDataArguments,
+    training_args: TrainingArguments,
+    finetuning_args: MoELPRFinetuningArguments,
+) -> None:
+    """Reject moelpr settings that cannot train correctly, before anything is loaded."""
+    if finetuning_args.finetuning_type != MOELPR:
+        if data_args.generate_lang_mask:
+            raise ValueError("`generate_lang_mask` only applies with `finetuning_type: moelpr`.")
+        return
+
+    if finetuning_args.stage != "pt":
+        raise ValueError(
+            f"`finetuning_type: moelpr` runs with `stage: pt` (both MoE-LPR stages train on raw documents), "
+            f"got `stage: {finetuning_args.stage}`."
+        )
+    if model_args.moe_aux_loss_coef is not None:
+        raise ValueError("With `finetuning_type: moelpr`, set the load-balancing weight with `aux_loss_coef`.")
+    if finetuning_args.use_badam:
+        raise ValueError("BAdam changes which parameters train, which breaks the moelpr freeze rules.")
+
+    review = finetuning_args.moelpr_stage == REVIEW
+    if review and not data_args.generate_lang_mask:
+        raise ValueError(
+            "The review stage (`moelpr_stage: review`) applies the LPR loss to old-language tokens, which needs "
+            "the language mask: set `generate_lang_mask: true`."
+        )
+    _check_model_is_moelpr(model_args)
+    if not (data_args.tokenized_path and has_tokenized_data(data_args.tokenized_path)):
+        _check_dataset_languages(data_args, review)
+
+
+def wrap_parse_train_args(parse: Callable[..., tuple[Any, ...]]) -> Callable[..., tuple[Any, ...]]:
+    def parse_train_args(args: dict[str, Any] | list[str] | None = None) -> tuple[Any, ...]:
+        model_args, data_args, training_args, finetuning_args, generating_args = parse(args)
+        check_moelpr_args(model_args, data_args, training_args, finetuning_args)
+        return model_args, data_args, training_args, finetuning_args, generating_args
+
+    return parse_train_args

@@ -1,0 +1,122 @@
+"""Routing statistics in every training log: trainer_state.json, trainer_log.jsonl and the loss plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from llamafactory.train.callbacks import LogCallback
+from llamafactory.train.pt.trainer import CustomTrainer
+from transformers.trainer import TRAINER_STATE_NAME
+
+from moelpr.models import routing_stats
+from moelpr.models.modeling import _micro_batch_share
+
+from .model import is_moelpr_model
+
+LOSS_KEYS = ("lm_loss", "aux_loss", "lpr_loss")
+EXPERT_SHARE_PREFIX = "expert_share_"
+OLD_LANG_EXPERT0_KEY = "old_lang_expert0_top1_share"
+
+
+def is_routing_log_key(key: str) -> bool:
+    return key in LOSS_KEYS or key == OLD_LANG_EXPERT0_KEY or key.startswith(EXPERT_SHARE_PREFIX)
+
+
+class RoutingMeter:
+    """Means of the per-micro-batch routing values since the last log, over all ranks."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.keys = [*LOSS_KEYS, *(f"{EXPERT_SHARE_PREFIX}{i}" for i in range(num_experts)), OLD_LANG_EXPERT0_KEY]
+        self._sums = torch.zeros(2, len(self.keys), dtype=torch.float64)  # row 0: sums, row 1: counts
+
+    def add(self, values: dict[str, float]) -> None:
+        for index, key in enumerate(self.keys):
+            if key in values:
+                self._sums[0, index] += values[key]
+                self._sums[1, index] += 1
+
+    def summary(self, accelerator: Any) -> dict[str, float]:
+        """Collective under DDP: every rank must call it at the same step (as Trainer.log is)."""
+        totals = accelerator.reduce(self._sums.to(accelerator.device), reduction="sum").cpu()
+        self._sums.zero_()
+        return {key: round(float(s / n), 4) for key, s, n in zip(self.keys, totals[0], totals[1]) if n > 0}
+
+
+class MoELPRTrainer(CustomTrainer):
+    """LLaMA-Factory's pt trainer; with a MoE-LPR model it also logs the losses and routing shares."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._routing_meter = RoutingMeter(self.model.config.num_experts) if is_moelpr_model(self.model) else None
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        if self._routing_meter is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        inputs = {**inputs, "output_router_logits": True}
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        values = routing_stats(
+            outputs.router_logits,
+            self.model.config.num_experts_per_tok,
+            token_mask=inputs.get("attention_mask"),
+            lang_mask=inputs.get("lang_mask"),
+        )
+        values.update(aux_loss=outputs.aux_loss.item(), lpr_loss=outputs.lpr_loss.item())
+        # The model scales its LM loss by this micro-batch's share of the step's tokens; undo it so
+        # lm_loss reads as a per-token loss whatever the gradient accumulation.
+        share = _micro_batch_share(inputs["labels"], num_items_in_batch)
+        if share > 0:
+            values["lm_loss"] = outputs.lm_loss.item() / share
+        self._routing_meter.add(values)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._routing_meter is not None and "loss" in logs:
+            logs.update(self._routing_meter.summary(self.accelerator))
+        super().log(logs, start_time)
+
+
+def moelpr_trainer_class(_trainer_class: type) -> type:
+    return MoELPRTrainer
+
+
+class MoELPRLogCallback(LogCallback):
+    """LLaMA-Factory's trainer_log.jsonl writer, which keeps a fixed set of keys, plus the routing keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._routing_logs: dict[int, dict[str, float]] = {}
+
+    def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        routing = {k: v for k, v in state.log_history[-1].items() if is_routing_log_key(k)}
+        if routing and args.should_save:
+            self._routing_logs[state.global_step] = routing
+        super().on_log(args, state, control, **kwargs)
+
+    def _write_log(self, output_dir: str, logs: dict[str, Any]) -> None:
+        # Runs later on LogCallback's writer thread, hence the lookup by step rather than "the latest".
+        super()._write_log(output_dir, {**logs, **self._routing_logs.pop(logs.get("current_steps"), {})})
+
+
+def moelpr_log_callback_class(_callback_class: type) -> type:
+    return MoELPRLogCallback
+
+
+def wrap_plot_loss(plot_loss: Callable[..., None]) -> Callable[..., None]:
+    def plot_loss_and_routing(save_dictionary: str, keys: list[str] | None = None) -> None:
+        with open(os.path.join(save_dictionary, TRAINER_STATE_NAME), encoding="utf-8") as f:
+            history = json.load(f)["log_history"]
+        routing_keys = sorted({key for entry in history for key in entry if is_routing_log_key(key)})
+        plot_loss(save_dictionary, keys=[*(keys or ["loss"]), *routing_keys])
+
+    return plot_loss_and_routing
