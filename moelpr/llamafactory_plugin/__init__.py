@@ -20,7 +20,7 @@ from typing import Any
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-SUPPORTED_LLAMAFACTORY = SpecifierSet(">=0.9.5,<0.9.6")
+SUPPORTED_LLAMAFACTORY = ">=0.9.5,<0.9.6"
 
 _applied = False
 
@@ -33,7 +33,7 @@ def check_llamafactory_version() -> str:
         raise RuntimeError(
             f"moelpr's LLaMA-Factory plugin needs llamafactory{SUPPORTED_LLAMAFACTORY}, which is not installed."
         ) from None
-    if Version(installed) not in SUPPORTED_LLAMAFACTORY:
+    if Version(installed) not in SpecifierSet(SUPPORTED_LLAMAFACTORY):
         raise RuntimeError(
             f"moelpr's LLaMA-Factory plugin supports llamafactory{SUPPORTED_LLAMAFACTORY}, but {installed} is "
             f"installed. Install a supported release (pip install 'llamafactory{SUPPORTED_LLAMAFACTORY}') or "

@@ -1,0 +1,113 @@
+"""Bad moelpr settings are refused with one clear message while the arguments are parsed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import moelpr.llamafactory_plugin as plugin
+
+plugin.apply()
+
+from llamafactory.hparams import get_train_args  # noqa: E402
+
+REPO_DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+@pytest.fixture()
+def base_args(upcycled_llama_dir, tmp_path) -> dict:
+    return dict(
+        model_name_or_path=str(upcycled_llama_dir),
+        stage="pt",
+        do_train=True,
+        finetuning_type="moelpr",
+        dataset="new_hu,old_en",
+        dataset_dir=str(REPO_DATA),
+        cutoff_len=32,
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to="none",
+    )
+
+
+def test_valid_stages_resolve_the_paper_defaults(base_args):
+    *_, stage1, _ = get_train_args(base_args)
+    assert (stage1.moelpr_stage, stage1.aux_loss_coef, stage1.lpr_loss_coef) == ("post_pretrain", 0.01, 0.0)
+    _, data_args, _, stage2, _ = get_train_args({**base_args, "moelpr_stage": "review", "generate_lang_mask": True})
+    assert (stage2.moelpr_stage, stage2.aux_loss_coef, stage2.lpr_loss_coef) == ("review", 0.0, 0.1)
+    assert data_args.generate_lang_mask
+
+
+def _with_dataset_info(tmp_path: Path, language_of: dict[str, str | None]) -> str:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    info = {}
+    for name, language in language_of.items():
+        shutil.copy(REPO_DATA / "new_hu.jsonl", data_dir / f"{name}.jsonl")
+        info[name] = {"file_name": f"{name}.jsonl", "columns": {"prompt": "text"}}
+        if language is not None:
+            info[name]["language"] = language
+    (data_dir / "dataset_info.json").write_text(json.dumps(info))
+    return str(data_dir)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(lpr_loss_coef=0.1), "`lpr_loss_coef` applies to the review stage only"),
+        (dict(moelpr_stage="review"), "set `generate_lang_mask: true`"),
+        (dict(moelpr_stage="review", generate_lang_mask=True, dataset="new_hu,new_tr"), 'marked `"language": "old"`'),
+        (dict(finetuning_type="full", moelpr_stage="review"), "only apply with `finetuning_type: moelpr`"),
+        (dict(finetuning_type="full", generate_lang_mask=True), "only applies with `finetuning_type: moelpr`"),
+        (dict(stage="sft", template="empty"), "runs with `stage: pt`"),
+        (dict(moe_aux_loss_coef=0.02), "set the load-balancing weight with `aux_loss_coef`"),
+    ],
+    ids=["lpr_in_stage1", "review_without_mask", "review_without_old_data", "stage_key_without_moelpr",
+         "mask_without_moelpr", "not_pt", "lf_moe_aux_key"],
+)
+def test_bad_settings_raise_a_clear_error(base_args, overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        get_train_args({**base_args, **overrides})
+
+
+def test_dense_model_points_to_upcycling(base_args, tiny_llama_dir):
+    with pytest.raises(ValueError, match="moelpr upcycle --model_path"):
+        get_train_args({**base_args, "model_name_or_path": str(tiny_llama_dir)})
+
+
+def test_unknown_language_value(base_args, tmp_path):
+    data_dir = _with_dataset_info(tmp_path, {"hu": "new", "fr": "french"})
+    with pytest.raises(ValueError, match=r"Unknown `language`.*'fr': 'french'"):
+        get_train_args({**base_args, "dataset": "hu,fr", "dataset_dir": data_dir})
+
+
+def test_lang_mask_needs_a_language_on_every_dataset(base_args, tmp_path):
+    data_dir = _with_dataset_info(tmp_path, {"hu": "new", "plain": None})
+    args = {**base_args, "dataset": "hu,plain", "dataset_dir": data_dir, "generate_lang_mask": True}
+    with pytest.raises(ValueError, match="missing on: plain"):
+        get_train_args(args)
+    get_train_args({**args, "generate_lang_mask": False})  # stage 1 without the mask needs no language
+
+
+def test_version_check_names_the_supported_range(monkeypatch):
+    assert plugin.check_llamafactory_version() == "0.9.5"
+    monkeypatch.setattr(plugin, "version", lambda _: "0.9.4")
+    with pytest.raises(RuntimeError, match=r"supports llamafactory>=0.9.5,<0.9.6, but 0.9.4 is installed"):
+        plugin.check_llamafactory_version()
+
+
+def test_startup_hook_is_cheap_and_applies_the_plugin_to_llamafactory():
+    """The .pth hook installed by `pip install` imports nothing heavy at startup, yet patches on import."""
+    probe = (
+        "import sys; heavy = [m for m in ('torch', 'transformers', 'moelpr') if m in sys.modules]; "
+        "import llamafactory.train.tuner; from llamafactory.hparams import parser; "
+        "print(heavy, [c.__name__ for c in parser._TRAIN_ARGS])"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("[] ")
+    assert "MoELPRFinetuningArguments" in out and "MoELPRDataArguments" in out

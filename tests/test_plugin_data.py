@@ -1,0 +1,150 @@
+"""The language mask through LLaMA-Factory's real pt data pipeline (parsing, packing, caching, collating).
+
+Old-language documents are ASCII letters and new-language documents Greek letters, so every token
+tells on its own which document it came from: the oracle for the mask needs no knowledge of packing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moelpr.llamafactory_plugin import apply
+
+apply()
+
+from llamafactory.data import get_template_and_fix_tokenizer  # noqa: E402
+from llamafactory.hparams import get_train_args  # noqa: E402
+from llamafactory.model import load_tokenizer  # noqa: E402
+from llamafactory.train.pt import workflow  # noqa: E402
+
+OLD_DOCS = ["thequickbrownfoxjumpsoverthelazydog" * (i + 1) for i in range(5)]
+NEW_DOCS = ["ηγρήγορηκαφέαλεπούπηδάπάνω" * (i + 1) for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("lang_data")
+    for name, docs in (("old", OLD_DOCS), ("new", NEW_DOCS)):
+        (path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    info = {
+        name: {"file_name": f"{name}.jsonl", "language": name, "columns": {"prompt": "text"}}
+        for name in ("old", "new")
+    }
+    info["untagged"] = {"file_name": "new.jsonl", "columns": {"prompt": "text"}}
+    (path / "dataset_info.json").write_text(json.dumps(info))
+    return path
+
+
+def _load(upcycled_llama_dir, dataset_dir, tmp_path, **overrides):
+    args = dict(
+        model_name_or_path=str(upcycled_llama_dir),
+        stage="pt",
+        do_train=True,
+        finetuning_type="moelpr",
+        moelpr_stage="review",
+        generate_lang_mask=True,
+        dataset="new,old",
+        dataset_dir=str(dataset_dir),
+        cutoff_len=17,
+        output_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "hf_cache"),
+        use_cpu=True,
+        report_to="none",
+    )
+    args.update(overrides)
+    model_args, data_args, training_args, _, _ = get_train_args(args)
+    tokenizer_module = load_tokenizer(model_args)
+    template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    dataset_module = workflow.get_dataset(template, model_args, data_args, training_args, "pt", **tokenizer_module)
+    return dataset_module["train_dataset"], tokenizer_module["tokenizer"]
+
+
+def _check_mask_follows_tokens(dataset, tokenizer) -> int:
+    """Assert the oracle on every token; return how many blocks straddle an old and a new document."""
+    straddling = 0
+    for row in dataset:
+        ids, mask = row["input_ids"], row["lang_mask"]
+        assert len(ids) == len(mask)
+        for pos, (token, flag) in enumerate(zip(ids, mask)):
+            if token == tokenizer.eos_token_id:  # a document's end belongs to that document
+                if pos > 0:
+                    assert flag == mask[pos - 1]
+                continue
+            is_ascii = all(ord(c) < 128 for c in tokenizer.decode([token]))
+            assert flag == int(is_ascii), (pos, tokenizer.decode([token]), flag)
+        straddling += len(set(mask)) == 2
+    return straddling
+
+
+@pytest.mark.parametrize(
+    "mix",
+    [
+        dict(mix_strategy="concat"),
+        dict(mix_strategy="interleave_under", interleave_probs="0.5,0.5"),
+        dict(mix_strategy="interleave_over", interleave_probs="0.3,0.7", max_samples=3),
+    ],
+    ids=["concat", "interleave_under", "interleave_over_max_samples"],
+)
+def test_mask_follows_each_token_through_packing(upcycled_llama_dir, dataset_dir, tmp_path, mix):
+    dataset, tokenizer = _load(upcycled_llama_dir, dataset_dir, tmp_path, **mix)
+    assert len(dataset) > 3
+    assert _check_mask_follows_tokens(dataset, tokenizer) >= 1
+
+
+def test_block_straddling_an_old_and_a_new_document(upcycled_llama_dir, dataset_dir, tmp_path):
+    dataset, tokenizer = _load(upcycled_llama_dir, dataset_dir, tmp_path, mix_strategy="concat")
+    ids = [t for row in dataset for t in row["input_ids"]]
+    mask = [m for row in dataset for m in row["lang_mask"]]
+    # concat keeps order: the new documents come first, then the old ones, cut into equal blocks.
+    size = len(dataset[0]["input_ids"])
+    first_old = mask.index(1)
+    assert set(mask[:first_old]) == {0} and set(mask[first_old:]) == {1}
+    assert first_old % size != 0, "the fixture's documents should put a document boundary inside a block"
+    block = dataset[first_old // size]
+    assert block["lang_mask"] == [0] * (first_old % size) + [1] * (size - first_old % size)
+    assert tokenizer.decode(ids[first_old - 1 : first_old]) == tokenizer.eos_token
+
+
+def test_tokenized_path_keeps_the_mask_and_a_stale_cache_is_rejected(upcycled_llama_dir, dataset_dir, tmp_path):
+    tokenized = tmp_path / "tokenized"
+    built, _ = _load(upcycled_llama_dir, dataset_dir, tmp_path, tokenized_path=str(tokenized))
+    reloaded, _ = _load(upcycled_llama_dir, dataset_dir, tmp_path, tokenized_path=str(tokenized))
+    assert reloaded["lang_mask"] == built["lang_mask"] and reloaded["input_ids"] == built["input_ids"]
+
+    stale = tmp_path / "stale"
+    _load(
+        upcycled_llama_dir, dataset_dir, tmp_path, tokenized_path=str(stale),
+        moelpr_stage="post_pretrain", generate_lang_mask=False,
+    )
+    with pytest.raises(ValueError, match="no `lang_mask` column"):
+        _load(upcycled_llama_dir, dataset_dir, tmp_path, tokenized_path=str(stale))
+
+
+def test_without_generate_lang_mask_no_mask_is_built(upcycled_llama_dir, dataset_dir, tmp_path):
+    dataset, _ = _load(
+        upcycled_llama_dir, dataset_dir, tmp_path, dataset="untagged", moelpr_stage="post_pretrain",
+        generate_lang_mask=False,
+    )
+    assert "lang_mask" not in dataset.column_names
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_collator_pads_the_mask_like_the_tokens(upcycled_llama_dir, dataset_dir, tmp_path, padding_side):
+    dataset, tokenizer = _load(upcycled_llama_dir, dataset_dir, tmp_path, packing=False, cutoff_len=40)
+    rows = [dataset[i] for i in range(len(dataset))]
+    assert len({len(r["input_ids"]) for r in rows}) > 1, "rows of different lengths are needed to pad"
+    tokenizer.padding_side = padding_side
+    collator = workflow.DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+    batch = collator(rows)
+    assert batch["lang_mask"].shape == batch["input_ids"].shape
+    for row, ids, attention, mask in zip(rows, batch["input_ids"], batch["attention_mask"], batch["lang_mask"]):
+        kept = attention.bool()
+        assert ids[kept].tolist() == row["input_ids"]
+        assert mask[kept].tolist() == row["lang_mask"]
+        assert not mask[~kept].any()
+        assert set(row["lang_mask"]) == {int(all(ord(c) < 128 for c in tokenizer.decode(row["input_ids"][:1])))}
+    assert batch["lang_mask"].dtype == torch.long

@@ -1,0 +1,178 @@
+"""Both MoE-LPR stages through the real `llamafactory-cli train`, as a user runs them.
+
+The CLI picks the plugin up through the .pth startup hook of the installed package
+(`pip install -e .`), so these tests also prove that hook works, for torchrun workers too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moelpr.models import routing_stats
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = shutil.which("llamafactory-cli")
+ROUTING_KEYS = {"lm_loss", "aux_loss", "lpr_loss", "old_lang_expert0_top1_share"}
+ROUTING_KEYS |= {f"expert_share_{i}" for i in range(4)}
+
+pytestmark = pytest.mark.skipif(CLI is None, reason="llamafactory-cli is not installed")
+
+
+def train(tmp_path: Path, name: str, env: dict[str, str] | None = None, **settings) -> Path:
+    """Run `llamafactory-cli train` on a tiny YAML recipe; return its output directory."""
+    recipe = dict(
+        stage="pt",
+        do_train=True,
+        finetuning_type="moelpr",
+        dataset_dir=str(REPO / "data"),
+        cutoff_len=32,
+        output_dir=str(tmp_path / name),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        logging_steps=1,
+        save_steps=2,
+        plot_loss=True,
+        report_to="none",
+        use_cpu=True,
+        seed=7,
+    )
+    recipe.update(settings)
+    recipe_file = tmp_path / f"{name}.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    run = subprocess.run(
+        [CLI, "train", str(recipe_file)], cwd=tmp_path, capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    return Path(recipe["output_dir"])
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(model_dir / "model.safetensors")
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    assert before.keys() == after.keys()
+    assert all(before[k].dtype == after[k].dtype for k in before)
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def routing_log(model_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (model_dir / "trainer_log.jsonl").read_text().splitlines()]
+
+
+def old_language_expert0_share(model_dir: Path) -> float:
+    """Share of old-language (English) tokens whose top-1 expert is expert 0, averaged over layers."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [json.loads(line)["text"] for line in (REPO / "data" / "old_en.jsonl").read_text().splitlines()]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**batch, output_router_logits=True)
+    mask = batch["attention_mask"]
+    return routing_stats(out.router_logits, model.config.num_experts_per_tok, mask, mask)[
+        "old_lang_expert0_top1_share"
+    ]
+
+
+@pytest.fixture(scope="module")
+def stage_outputs(upcycled_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("stages")
+    stage1 = train(
+        tmp, "stage1", model_name_or_path=str(upcycled_llama_dir), moelpr_stage="post_pretrain",
+        dataset="new_hu,new_tr", learning_rate=1e-3, max_steps=4,
+    )
+    stage2 = train(
+        tmp, "stage2", model_name_or_path=str(stage1), moelpr_stage="review", generate_lang_mask=True,
+        dataset="new_hu,old_en", mix_strategy="interleave_under", interleave_probs="0.5,0.5",
+        learning_rate=2e-2, max_steps=8,
+    )
+    return {"upcycled": Path(upcycled_llama_dir), "stage1": stage1, "stage2": stage2, "tmp": tmp}
+
+
+def test_stage1_trains_exactly_the_new_experts_and_routers(stage_outputs):
+    diff = changed(weights(stage_outputs["upcycled"]), weights(stage_outputs["stage1"]))
+    assert all(".mlp.router." in k or ".mlp.new_experts." in k for k in diff), diff
+    assert {k for k in diff if ".mlp.router." in k} == {f"model.layers.{i}.mlp.router.weight" for i in range(4)}
+    assert any(".mlp.new_experts." in k for k in diff)
+    config = json.loads((stage_outputs["stage1"] / "config.json").read_text())
+    assert (config["model_type"], config["router_aux_loss_coef"], config["lpr_loss_coef"]) == ("llama_moelpr", 0.01, 0)
+
+
+def test_stage2_trains_exactly_the_routers(stage_outputs):
+    stage1, stage2 = weights(stage_outputs["stage1"]), weights(stage_outputs["stage2"])
+    assert changed(stage1, stage2) == {f"model.layers.{i}.mlp.router.weight" for i in range(4)}
+    upcycled = weights(stage_outputs["upcycled"])
+    untouched = [k for k in upcycled if ".mlp.router." not in k and ".mlp.new_experts." not in k]
+    assert untouched and all(torch.equal(upcycled[k], stage2[k]) for k in untouched)
+
+
+def test_stage2_raises_the_old_language_expert0_share(stage_outputs):
+    before = old_language_expert0_share(stage_outputs["stage1"])
+    after = old_language_expert0_share(stage_outputs["stage2"])
+    assert after > before + 0.15, (before, after)
+
+
+def test_routing_statistics_are_logged_every_step(stage_outputs):
+    for stage, steps in (("stage1", 4), ("stage2", 8)):
+        out = stage_outputs[stage]
+        logged = [entry for entry in routing_log(out) if "loss" in entry]
+        assert [entry["current_steps"] for entry in logged] == list(range(1, steps + 1))
+        expected = ROUTING_KEYS if stage == "stage2" else ROUTING_KEYS - {"old_lang_expert0_top1_share"}
+        assert all(expected <= entry.keys() for entry in logged), logged[0]
+        assert all(abs(sum(e[f"expert_share_{i}"] for i in range(4)) - 1) < 1e-3 for e in logged)
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        assert all(expected <= entry.keys() for entry in history if "loss" in entry)
+        assert (out / "training_lpr_loss.png").is_file() and (out / "training_expert_share_0.png").is_file()
+    stage2_log = [entry for entry in routing_log(stage_outputs["stage2"]) if "loss" in entry]
+    assert stage2_log[-1]["lpr_loss"] < stage2_log[0]["lpr_loss"]
+
+
+def test_resume_from_checkpoint_continues_the_run(stage_outputs, upcycled_llama_dir):
+    stage1 = stage_outputs["stage1"]
+    resumed = train(
+        stage_outputs["tmp"], "stage1_resumed", model_name_or_path=str(upcycled_llama_dir),
+        moelpr_stage="post_pretrain", dataset="new_hu,new_tr", learning_rate=1e-3, max_steps=4,
+        resume_from_checkpoint=str(stage1 / "checkpoint-2"),
+    )
+    assert [e["current_steps"] for e in routing_log(resumed) if "loss" in e] == [3, 4]
+    straight, continued = weights(stage1), weights(resumed)
+    assert all(torch.allclose(straight[k], continued[k], atol=1e-6) for k in straight)
+
+
+def test_two_process_torchrun(upcycled_llama_dir, tmp_path):
+    out = train(
+        tmp_path, "ddp", env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"},
+        model_name_or_path=str(upcycled_llama_dir), moelpr_stage="post_pretrain", generate_lang_mask=True,
+        dataset="new_hu,new_tr,old_en", learning_rate=1e-3, max_steps=2, per_device_train_batch_size=1,
+    )
+    diff = changed(weights(Path(upcycled_llama_dir)), weights(out))
+    assert diff and all(".mlp.router." in k or ".mlp.new_experts." in k for k in diff)
+    logged = [entry for entry in routing_log(out) if "loss" in entry]
+    assert len(logged) == 2 and all(ROUTING_KEYS - {"old_lang_expert0_top1_share"} <= e.keys() for e in logged)
+
+
+def test_bad_input_fails_before_training(tiny_llama_dir, tmp_path):
+    recipe = tmp_path / "dense.yaml"
+    output_dir = tmp_path / "never"
+    recipe.write_text(
+        yaml.safe_dump(
+            dict(
+                model_name_or_path=str(tiny_llama_dir), stage="pt", do_train=True, finetuning_type="moelpr",
+                dataset="new_hu", dataset_dir=str(REPO / "data"), output_dir=str(output_dir), use_cpu=True,
+            )
+        )
+    )
+    run = subprocess.run([CLI, "train", str(recipe)], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "ValueError: `finetuning_type: moelpr` trains an upcycled MoE-LPR model" in run.stderr
+    assert not (output_dir / "trainer_log.jsonl").exists()
