@@ -1,4 +1,4 @@
-"""``python -m moelpr.corpora``: build the demo corpora (see ``--help``)."""
+"""``moelpr corpora`` (or ``python -m moelpr.corpora``): build the demo corpora (see ``--help``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _codes(value: str) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m moelpr.corpora",
+        prog="moelpr corpora",
         description="Build per-language train / held-out corpora from Debian's LibreOffice help and fortunes.",
     )
     parser.add_argument("--output_dir", type=Path, default=Path("work/corpora"), help="where the jsonl files and dataset_info.json go")

@@ -1,0 +1,107 @@
+"""Token-weighted held-out perplexity and router statistics of one model on one language."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def token_blocks(tokenizer, texts: Sequence[str], cutoff_len: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Held-out texts as LLaMA-Factory packs pre-training data: each text followed by the tokenizer's eos,
+    all concatenated and cut into blocks of ``cutoff_len`` tokens, so perplexity is measured on inputs
+    shaped like the training inputs. ``max_tokens`` keeps the first tokens of the stream; the last,
+    shorter block is kept (LLaMA-Factory drops it) so that small held-out sets lose nothing.
+    """
+    if cutoff_len < 2:
+        raise ValueError("cutoff_len must be at least 2 (one token to condition on, one to predict)")
+    eos = tokenizer.eos_token or ""
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer(text + eos, add_special_tokens=False)["input_ids"])
+        if max_tokens is not None and len(stream) >= max_tokens:
+            del stream[max_tokens:]
+            break
+    blocks = [stream[i : i + cutoff_len] for i in range(0, len(stream), cutoff_len)]
+    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+        for block in blocks:
+            block[0] = tokenizer.bos_token_id  # what LLaMA-Factory does to packed blocks
+    return [block for block in blocks if len(block) >= 2]
+
+
+@dataclass
+class RoutingTotals:
+    """Sums over the tokens of one language, per MoE layer, from which the report's means come."""
+
+    tokens: int = 0
+    top1_counts: list[torch.Tensor] = field(default_factory=list)  # per layer: [num_experts]
+    prob_sums: list[torch.Tensor] = field(default_factory=list)  # per layer: [num_experts]
+
+    def add(self, router_logits: Sequence[torch.Tensor]) -> None:
+        for layer, logits in enumerate(router_logits):
+            logits = logits.detach().float()
+            counts = torch.bincount(logits.argmax(dim=-1), minlength=logits.shape[-1]).double()
+            probs = logits.softmax(dim=-1).sum(dim=0).double()
+            if layer == len(self.top1_counts):
+                self.top1_counts.append(torch.zeros_like(counts))
+                self.prob_sums.append(torch.zeros_like(probs))
+            self.top1_counts[layer] += counts
+            self.prob_sums[layer] += probs
+        self.tokens += int(router_logits[0].shape[0]) if router_logits else 0
+
+    def expert0_top1_share(self) -> list[float]:
+        """Per layer: share of tokens whose highest-scoring expert is expert 0 (the original FFN)."""
+        return [float(c[0] / self.tokens) for c in self.top1_counts]
+
+    def mean_router_prob(self) -> list[list[float]]:
+        """Per layer, per expert: router softmax probability averaged over tokens."""
+        return [(p / self.tokens).tolist() for p in self.prob_sums]
+
+
+@dataclass
+class LanguageResult:
+    nll_sum: float
+    predicted_tokens: int
+    routing: RoutingTotals | None
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll_sum / self.predicted_tokens)
+
+
+@torch.no_grad()
+def evaluate_language(
+    model: torch.nn.Module, blocks: Sequence[Sequence[int]], batch_size: int, is_moe: bool, desc: str = ""
+) -> LanguageResult:
+    """Sum of next-token negative log-likelihoods over all ``blocks`` (and router totals for MoE models).
+
+    Blocks of equal length are batched without padding; only the last block of a language can be
+    shorter, and it runs alone.
+    """
+    if not blocks:
+        raise ValueError("no held-out tokens to evaluate")
+    device = next(model.parameters()).device
+    batches: list[list[Sequence[int]]] = []
+    for block in blocks:
+        if batches and len(batches[-1]) < batch_size and len(batches[-1][0]) == len(block):
+            batches[-1].append(block)
+        else:
+            batches.append([block])
+
+    nll_sum, predicted = 0.0, 0
+    routing = RoutingTotals() if is_moe else None
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+        input_ids = torch.tensor(batch, dtype=torch.long, device=device)
+        extra = {"output_router_logits": True} if is_moe else {}
+        outputs = model(input_ids=input_ids, **extra)
+        logits = outputs.logits[:, :-1].float()
+        targets = input_ids[:, 1:]
+        nll_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+        predicted += targets.numel()
+        if routing is not None:
+            routing.add(outputs.router_logits)
+    return LanguageResult(nll_sum, predicted, routing)

@@ -1,0 +1,156 @@
+"""Run the evaluation over models x languages and write the report files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from .perplexity import LanguageResult, evaluate_language, token_blocks
+from .plots import loss_curves, routing_heatmap
+
+logger = logging.getLogger(__name__)
+
+
+def read_texts(path: Path, text_field: str = "text") -> list[str]:
+    """The ``text_field`` of every line of a jsonl file."""
+    texts = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if text_field not in record:
+                raise ValueError(f"{path}:{number} has no {text_field!r} field")
+            texts.append(record[text_field])
+    return texts
+
+
+def load_model(path: Path, dtype: torch.dtype):
+    """Model and tokenizer of a checkpoint directory; ``import moelpr`` registers the MoE-LPR types."""
+    import moelpr  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def is_moe(model) -> bool:
+    return model.config.model_type.endswith("_moelpr")
+
+
+def moe_layer_indices(config) -> list[int]:
+    indices = getattr(config, "moe_layer_indices", None)
+    if indices is not None:
+        return list(indices)
+    return list(config.moe_layers) if config.moe_layers is not None else list(range(config.num_hidden_layers))
+
+
+def _perplexity_markdown(results: Mapping[str, Mapping], languages: Sequence[str], old: set[str], settings: Mapping) -> str:
+    header = [f"{lang} ({'old' if lang in old else 'new'})" for lang in languages]
+    lines = [
+        "# Held-out perplexity (token-weighted, lower is better)",
+        "",
+        "| model | " + " | ".join(header) + " |",
+        "|---|" + "---:|" * len(languages),
+    ]
+    for name, report in results.items():
+        cells = [f"{report['languages'][lang]['perplexity']:.2f}" for lang in languages]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    baseline = next(iter(results))
+    if len(results) > 1:
+        lines += ["", f"Change relative to `{baseline}`:", "", "| model | " + " | ".join(header) + " |", "|---|" + "---:|" * len(languages)]
+        base = results[baseline]["languages"]
+        for name, report in list(results.items())[1:]:
+            cells = [f"{100 * (report['languages'][lang]['perplexity'] / base[lang]['perplexity'] - 1):+.1f}%" for lang in languages]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    tokens = ", ".join(f"{lang}: {results[baseline]['languages'][lang]['predicted_tokens']}" for lang in languages)
+    lines += [
+        "",
+        f"Predicted tokens per language ({baseline}'s tokenizer): {tokens}. "
+        f"Blocks of {settings['cutoff_len']} tokens, dtype {settings['dtype']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def evaluate(
+    models: Mapping[str, Path],
+    heldout: Mapping[str, Path],
+    old_languages: set[str],
+    output_dir: Path,
+    cutoff_len: int = 256,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    dtype: torch.dtype = torch.float32,
+    runs: Mapping[str, Path] | None = None,
+    text_field: str = "text",
+) -> dict:
+    """Evaluate every model on every held-out language and write to ``output_dir``:
+    ``perplexity.{md,json}``; for MoE models ``routing.json`` and ``routing_heatmap.png``; with ``runs``
+    ``loss_curves.{png,json}``. Returns the perplexity report."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    texts = {lang: read_texts(path, text_field) for lang, path in heldout.items()}
+    languages = list(heldout)
+    settings = {"cutoff_len": cutoff_len, "max_tokens": max_tokens, "dtype": str(dtype).removeprefix("torch.")}
+    results: dict[str, dict] = {}
+    routing: dict[str, dict] = {}
+    for name, path in models.items():
+        start = time.time()
+        model, tokenizer = load_model(path, dtype)
+        moe = is_moe(model)
+        per_language: dict[str, LanguageResult] = {}
+        for lang in languages:
+            blocks = token_blocks(tokenizer, texts[lang], cutoff_len, max_tokens)
+            per_language[lang] = evaluate_language(model, blocks, batch_size, moe, desc=f"{name} / {lang}")
+            logger.info("%s / %s: perplexity %.2f over %d tokens", name, lang, per_language[lang].perplexity, per_language[lang].predicted_tokens)
+        results[name] = {
+            "path": str(path),
+            "kind": "moe" if moe else "dense",
+            "languages": {
+                lang: {
+                    "role": "old" if lang in old_languages else "new",
+                    "perplexity": r.perplexity,
+                    "nll_sum": r.nll_sum,
+                    "predicted_tokens": r.predicted_tokens,
+                }
+                for lang, r in per_language.items()
+            },
+            "seconds": round(time.time() - start, 1),
+        }
+        if moe:
+            routing[name] = {
+                "layers": moe_layer_indices(model.config),
+                "num_experts": model.config.num_experts,
+                "top_k": model.config.num_experts_per_tok,
+                "languages": {
+                    lang: {
+                        "role": "old" if lang in old_languages else "new",
+                        "tokens": r.routing.tokens,
+                        "expert0_top1_share": r.routing.expert0_top1_share(),
+                        "mean_router_prob": r.routing.mean_router_prob(),
+                    }
+                    for lang, r in per_language.items()
+                },
+            }
+        del model
+
+    report = {"settings": settings, "languages": {lang: "old" if lang in old_languages else "new" for lang in languages}, "models": results}
+    (output_dir / "perplexity.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output_dir / "perplexity.md").write_text(_perplexity_markdown(results, languages, old_languages, settings))
+    if routing:
+        (output_dir / "routing.json").write_text(json.dumps(routing, indent=2) + "\n")
+        routing_heatmap(routing, languages, old_languages, output_dir / "routing_heatmap.png")
+    if runs:
+        curves = loss_curves(runs, output_dir / "loss_curves.png")
+        (output_dir / "loss_curves.json").write_text(json.dumps(curves, indent=2) + "\n")
+        missing = sorted(set(runs) - set(curves))
+        if missing:
+            logger.warning("No trainer_state.json for run(s) %s; left out of loss_curves.png", ", ".join(missing))
+    return report
