@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import moelpr.llamafactory_plugin as plugin
 
@@ -111,3 +112,14 @@ def test_startup_hook_is_cheap_and_applies_the_plugin_to_llamafactory():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.startswith("[] ")
     assert "MoELPRFinetuningArguments" in out and "MoELPRDataArguments" in out
+
+
+@pytest.mark.parametrize("stage,expected", [(1, ("post_pretrain", 0.01, 0.0)), (2, ("review", 0.0, 0.1))])
+def test_example_recipes_parse(stage, expected, upcycled_llama_dir, tmp_path):
+    recipe = yaml.safe_load((REPO_DATA.parent / "examples" / "moelpr" / f"stage{stage}.yaml").read_text())
+    recipe.update(model_name_or_path=str(upcycled_llama_dir), output_dir=str(tmp_path), bf16=False, use_cpu=True)
+    recipe["dataset_dir"] = str(REPO_DATA)
+    _, data_args, training_args, finetuning_args, _ = get_train_args(recipe)
+    assert (finetuning_args.moelpr_stage, finetuning_args.aux_loss_coef, finetuning_args.lpr_loss_coef) == expected
+    assert data_args.generate_lang_mask == (stage == 2)
+    assert training_args.learning_rate == 5e-5 and data_args.cutoff_len == {1: 1024, 2: 512}[stage]
