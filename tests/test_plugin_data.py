@@ -63,10 +63,12 @@ def _load(upcycled_llama_dir, dataset_dir, tmp_path, **overrides):
     return dataset_module["train_dataset"], tokenizer_module["tokenizer"]
 
 
-def _check_mask_follows_tokens(dataset, tokenizer) -> int:
-    """Assert the oracle on every token; return how many blocks straddle an old and a new document."""
-    straddling = 0
+def _check_mask_follows_tokens(dataset, tokenizer) -> tuple[int, int]:
+    """Assert the oracle on every token; return how many blocks there are and how many straddle an old
+    and a new document."""
+    blocks = straddling = 0
     for row in dataset:
+        blocks += 1
         ids, mask = row["input_ids"], row["lang_mask"]
         assert len(ids) == len(mask)
         for pos, (token, flag) in enumerate(zip(ids, mask)):
@@ -77,7 +79,7 @@ def _check_mask_follows_tokens(dataset, tokenizer) -> int:
             is_ascii = all(ord(c) < 128 for c in tokenizer.decode([token]))
             assert flag == int(is_ascii), (pos, tokenizer.decode([token]), flag)
         straddling += len(set(mask)) == 2
-    return straddling
+    return blocks, straddling
 
 
 @pytest.mark.parametrize(
@@ -86,13 +88,15 @@ def _check_mask_follows_tokens(dataset, tokenizer) -> int:
         dict(mix_strategy="concat"),
         dict(mix_strategy="interleave_under", interleave_probs="0.5,0.5"),
         dict(mix_strategy="interleave_over", interleave_probs="0.3,0.7", max_samples=3),
+        dict(mix_strategy="interleave_under", interleave_probs="0.5,0.5", streaming=True, max_steps=5,
+             dataloader_num_workers=1),
     ],
-    ids=["concat", "interleave_under", "interleave_over_max_samples"],
+    ids=["concat", "interleave_under", "interleave_over_max_samples", "streaming"],
 )
 def test_mask_follows_each_token_through_packing(upcycled_llama_dir, dataset_dir, tmp_path, mix):
     dataset, tokenizer = _load(upcycled_llama_dir, dataset_dir, tmp_path, **mix)
-    assert len(dataset) > 3
-    assert _check_mask_follows_tokens(dataset, tokenizer) >= 1
+    blocks, straddling = _check_mask_follows_tokens(dataset, tokenizer)
+    assert blocks > 3 and straddling >= 1
 
 
 def test_block_straddling_an_old_and_a_new_document(upcycled_llama_dir, dataset_dir, tmp_path):
