@@ -1,0 +1,138 @@
+"""``moelpr eval``: block packing, token-weighted perplexity, the routing report and the written files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import moelpr  # noqa: F401  (registers the MoE-LPR model types)
+from moelpr.evaluation import evaluate_language, token_blocks
+from moelpr.evaluation.cli import main as eval_main
+
+TEXTS = {
+    "en": ["The quick brown fox jumps over the lazy dog.", "A Mixture-of-Experts model routes every token."] * 6,
+    "hu": ["Magyarul: a gyors barna róka átugorja a lusta kutyát."] * 10,
+}
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def heldout_files(tmp_path):
+    return {lang: write_jsonl(tmp_path / f"{lang}.jsonl", texts) for lang, texts in TEXTS.items()}
+
+
+def test_token_blocks_pack_texts_with_eos_like_llamafactory(tiny_llama_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    texts = TEXTS["en"][:3]
+    stream = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    blocks = token_blocks(tokenizer, texts, cutoff_len=16)
+    assert [t for block in blocks for t in block] == stream
+    assert all(len(block) == 16 for block in blocks[:-1]) and 2 <= len(blocks[-1]) <= 16
+    capped = token_blocks(tokenizer, texts, cutoff_len=16, max_tokens=20)
+    assert [len(b) for b in capped] == [16, 4] and capped[0] == stream[:16]
+
+
+def test_perplexity_is_token_weighted_over_blocks(tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    blocks = token_blocks(tokenizer, TEXTS["en"], cutoff_len=25)
+    assert len(blocks) >= 3 and len(blocks[-1]) < 25  # a short last block: batches of unequal length
+    result = evaluate_language(model, blocks, batch_size=2, is_moe=False)
+    # Reference: the model's own mean loss per block, weighted by each block's predicted tokens.
+    with torch.no_grad():
+        losses = [model(input_ids=torch.tensor([b]), labels=torch.tensor([b])).loss.item() for b in blocks]
+    weights = [len(b) - 1 for b in blocks]
+    assert result.predicted_tokens == sum(weights)
+    assert result.nll_sum == pytest.approx(sum(l * w for l, w in zip(losses, weights)), rel=1e-4)
+    assert result.perplexity == pytest.approx(math.exp(result.nll_sum / sum(weights)))
+    assert result.routing is None
+
+
+def test_routing_totals_of_an_moe_model(upcycled_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(upcycled_llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(upcycled_llama_dir)
+    blocks = token_blocks(tokenizer, TEXTS["en"], cutoff_len=16)
+    routing = evaluate_language(model, blocks, batch_size=4, is_moe=True).routing
+    assert routing.tokens == sum(len(b) for b in blocks)
+    share, probs = routing.expert0_top1_share(), routing.mean_router_prob()
+    assert len(share) == len(probs) == model.config.num_hidden_layers
+    assert all(0.0 <= s <= 1.0 for s in share)
+    assert all(len(p) == 4 and sum(p) == pytest.approx(1.0) for p in probs)
+
+    # A router that strongly prefers expert 0 must show up as a share of 1 and a probability near 1.
+    with torch.no_grad():
+        for block in model.moe_blocks():
+            block.router.weight.zero_()
+    for layer in model.model.layers:
+        layer.mlp.router.register_forward_hook(lambda module, args, out: out + torch.tensor([50.0, 0.0, 0.0, 0.0]))
+    routing = evaluate_language(model, blocks, batch_size=4, is_moe=True).routing
+    assert routing.expert0_top1_share() == [1.0] * model.config.num_hidden_layers
+    assert all(p[0] > 0.99 for p in routing.mean_router_prob())
+
+
+def test_eval_command_writes_the_report(tiny_llama_dir, upcycled_llama_dir, heldout_files, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    history = [{"step": s, "loss": 5.0 - s / 10, "learning_rate": 1e-4} for s in (1, 2, 3)] + [{"step": 3, "train_runtime": 1.0}]
+    (run_dir / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    out = tmp_path / "report"
+    argv = ["--model", f"dense={tiny_llama_dir}", "--model", f"moe={upcycled_llama_dir}", "--output_dir", str(out),
+            "--cutoff_len", "16", "--max_tokens", "40", "--old_languages", "en", "--run_dir", f"stage1={run_dir}"]
+    for lang, path in heldout_files.items():
+        argv += ["--heldout", f"{lang}={path}"]
+    assert eval_main(argv) == 0
+
+    report = json.loads((out / "perplexity.json").read_text())
+    assert list(report["models"]) == ["dense", "moe"] and report["languages"] == {"en": "old", "hu": "new"}
+    assert report["models"]["dense"]["kind"] == "dense" and report["models"]["moe"]["kind"] == "moe"
+    for model in report["models"].values():
+        for lang in ("en", "hu"):
+            entry = model["languages"][lang]
+            assert entry["predicted_tokens"] == 40 - 3  # 40 tokens in blocks of 16, 16, 8
+            assert entry["perplexity"] == pytest.approx(math.exp(entry["nll_sum"] / entry["predicted_tokens"]))
+    # Upcycling preserves the dense model's function, so both give the same perplexity.
+    assert report["models"]["moe"]["languages"]["hu"]["perplexity"] == pytest.approx(
+        report["models"]["dense"]["languages"]["hu"]["perplexity"], rel=1e-3
+    )
+    table = (out / "perplexity.md").read_text()
+    assert "| en (old) | hu (new) |" in table and "| dense |" in table and "Change relative to `dense`" in table
+
+    routing = json.loads((out / "routing.json").read_text())
+    assert list(routing) == ["moe"]  # dense models have no routing
+    assert routing["moe"]["layers"] == [0, 1, 2, 3] and routing["moe"]["num_experts"] == 4
+    assert len(routing["moe"]["languages"]["hu"]["expert0_top1_share"]) == 4
+    for name in ("routing_heatmap.png", "loss_curves.png"):
+        image = matplotlib.image.imread(out / name)
+        assert image.shape[0] > 300 and image.shape[1] > 300
+    assert json.loads((out / "loss_curves.json").read_text()) == {"stage1": [[1, 4.9], [2, 4.8], [3, 4.7]]}
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "nameonly"], "--model expects NAME=PATH, got 'nameonly'"),
+        (["--model", "a=/no/such/dir"], "--model a: /no/such/dir is not a checkpoint directory"),
+        (["--heldout", "hu=/no/such.jsonl"], "--heldout hu: file not found: /no/such.jsonl"),
+        (["--old_languages", "de"], "--old_languages names de, which no --heldout gives"),
+        (["--heldout", "en=x"], "--heldout: LANG 'en' is given twice"),
+    ],
+)
+def test_eval_command_rejects_mistakes_in_one_line(args, message, tiny_llama_dir, heldout_files, tmp_path, capsys):
+    base = {"--model": f"m={tiny_llama_dir}", "--heldout": f"en={heldout_files['en']}"}
+    argv = ["--output_dir", str(tmp_path / "out"), "--heldout", base["--heldout"]]
+    if "--model" not in args:
+        argv += ["--model", base["--model"]]
+    assert eval_main(argv + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
