@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moelpr.models import routing_stats
@@ -149,16 +149,26 @@ def test_resume_from_checkpoint_continues_the_run(stage_outputs, upcycled_llama_
     assert all(torch.allclose(straight[k], continued[k], atol=1e-6) for k in straight)
 
 
-def test_two_process_torchrun(upcycled_llama_dir, tmp_path):
+def test_two_process_torchrun_with_experts_that_get_no_token(upcycled_llama_dir, tmp_path):
+    # Zero routers tie every expert, so top-2 picks the same two experts for every token on both ranks in
+    # the first step: the other two, trainable new experts among them, get no token, which must not break
+    # DDP's gradient reduction.
+    start = tmp_path / "zero_routers"
+    shutil.copytree(upcycled_llama_dir, start)
+    tensors = weights(start)
+    save_file({k: torch.zeros_like(v) if ".mlp.router." in k else v for k, v in tensors.items()},
+              start / "model.safetensors", metadata={"format": "pt"})
     out = train(
         tmp_path, "ddp", env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"},
-        model_name_or_path=str(upcycled_llama_dir), moelpr_stage="post_pretrain", generate_lang_mask=True,
+        model_name_or_path=str(start), moelpr_stage="post_pretrain", generate_lang_mask=True,
         dataset="new_hu,new_tr,old_en", learning_rate=1e-3, max_steps=2, per_device_train_batch_size=1,
     )
-    diff = changed(weights(Path(upcycled_llama_dir)), weights(out))
+    diff = changed(weights(start), weights(out))
     assert diff and all(".mlp.router." in k or ".mlp.new_experts." in k for k in diff)
     logged = [entry for entry in routing_log(out) if "loss" in entry]
     assert len(logged) == 2 and all(ROUTING_KEYS - {"old_lang_expert0_top1_share"} <= e.keys() for e in logged)
+    idle = [i for i in range(4) if logged[0][f"expert_share_{i}"] == 0]
+    assert len(idle) == 2 and max(idle) >= 1, logged[0]
 
 
 def test_bad_input_fails_before_training(tiny_llama_dir, tmp_path):
