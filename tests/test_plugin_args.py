@@ -10,30 +10,29 @@ from pathlib import Path
 
 import pytest
 import yaml
+from llamafactory.hparams import get_train_args
 
 import moelpr.llamafactory_plugin as plugin
 
-plugin.apply()
-
-from llamafactory.hparams import get_train_args  # noqa: E402
+plugin.apply()  # what the startup hook does in llamafactory-cli
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 
 
 @pytest.fixture()
 def base_args(upcycled_llama_dir, tmp_path) -> dict:
-    return dict(
-        model_name_or_path=str(upcycled_llama_dir),
-        stage="pt",
-        do_train=True,
-        finetuning_type="moelpr",
-        dataset="new_hu,old_en",
-        dataset_dir=str(REPO_DATA),
-        cutoff_len=32,
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        report_to="none",
-    )
+    return {
+        "model_name_or_path": str(upcycled_llama_dir),
+        "stage": "pt",
+        "do_train": True,
+        "finetuning_type": "moelpr",
+        "dataset": "new_hu,old_en",
+        "dataset_dir": str(REPO_DATA),
+        "cutoff_len": 32,
+        "output_dir": str(tmp_path / "out"),
+        "use_cpu": True,
+        "report_to": "none",
+    }
 
 
 def test_valid_stages_resolve_the_paper_defaults(base_args):
@@ -60,16 +59,26 @@ def _with_dataset_info(tmp_path: Path, language_of: dict[str, str | None]) -> st
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (dict(lpr_loss_coef=0.1), "`lpr_loss_coef` applies to the review stage only"),
-        (dict(moelpr_stage="review"), "set `generate_lang_mask: true`"),
-        (dict(moelpr_stage="review", generate_lang_mask=True, dataset="new_hu,new_tr"), 'marked `"language": "old"`'),
-        (dict(finetuning_type="full", moelpr_stage="review"), "only apply with `finetuning_type: moelpr`"),
-        (dict(finetuning_type="full", generate_lang_mask=True), "only applies with `finetuning_type: moelpr`"),
-        (dict(stage="sft", template="empty"), "runs with `stage: pt`"),
-        (dict(moe_aux_loss_coef=0.02), "set the load-balancing weight with `aux_loss_coef`"),
+        ({"lpr_loss_coef": 0.1}, "`lpr_loss_coef` applies to the review stage only"),
+        ({"moelpr_stage": "review"}, "set `generate_lang_mask: true`"),
+        (
+            {"moelpr_stage": "review", "generate_lang_mask": True, "dataset": "new_hu,new_tr"},
+            'marked `"language": "old"`',
+        ),
+        ({"finetuning_type": "full", "moelpr_stage": "review"}, "only apply with `finetuning_type: moelpr`"),
+        ({"finetuning_type": "full", "generate_lang_mask": True}, "only applies with `finetuning_type: moelpr`"),
+        ({"stage": "sft", "template": "empty"}, "runs with `stage: pt`"),
+        ({"moe_aux_loss_coef": 0.02}, "set the load-balancing weight with `aux_loss_coef`"),
     ],
-    ids=["lpr_in_stage1", "review_without_mask", "review_without_old_data", "stage_key_without_moelpr",
-         "mask_without_moelpr", "not_pt", "lf_moe_aux_key"],
+    ids=[
+        "lpr_in_stage1",
+        "review_without_mask",
+        "review_without_old_data",
+        "stage_key_without_moelpr",
+        "mask_without_moelpr",
+        "not_pt",
+        "lf_moe_aux_key",
+    ],
 )
 def test_bad_settings_raise_a_clear_error(base_args, overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):

@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from llamafactory.data import get_template_and_fix_tokenizer
+from llamafactory.hparams import get_train_args
+from llamafactory.model import load_tokenizer
+from llamafactory.train.pt import workflow
 
 from moelpr.llamafactory_plugin import apply
 
-apply()
-
-from llamafactory.data import get_template_and_fix_tokenizer  # noqa: E402
-from llamafactory.hparams import get_train_args  # noqa: E402
-from llamafactory.model import load_tokenizer  # noqa: E402
-from llamafactory.train.pt import workflow  # noqa: E402
+apply()  # what the startup hook does in llamafactory-cli
 
 OLD_DOCS = ["thequickbrownfoxjumpsoverthelazydog" * (i + 1) for i in range(5)]
 NEW_DOCS = ["ηγρήγορηκαφέαλεπούπηδάπάνω" * (i + 1) for i in range(5)]
@@ -31,8 +30,7 @@ def dataset_dir(tmp_path_factory) -> Path:
     for name, docs in (("old", OLD_DOCS), ("new", NEW_DOCS)):
         (path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     info = {
-        name: {"file_name": f"{name}.jsonl", "language": name, "columns": {"prompt": "text"}}
-        for name in ("old", "new")
+        name: {"file_name": f"{name}.jsonl", "language": name, "columns": {"prompt": "text"}} for name in ("old", "new")
     }
     info["untagged"] = {"file_name": "new.jsonl", "columns": {"prompt": "text"}}
     (path / "dataset_info.json").write_text(json.dumps(info))
@@ -40,21 +38,21 @@ def dataset_dir(tmp_path_factory) -> Path:
 
 
 def _load(upcycled_llama_dir, dataset_dir, tmp_path, **overrides):
-    args = dict(
-        model_name_or_path=str(upcycled_llama_dir),
-        stage="pt",
-        do_train=True,
-        finetuning_type="moelpr",
-        moelpr_stage="review",
-        generate_lang_mask=True,
-        dataset="new,old",
-        dataset_dir=str(dataset_dir),
-        cutoff_len=17,
-        output_dir=str(tmp_path / "out"),
-        cache_dir=str(tmp_path / "hf_cache"),
-        use_cpu=True,
-        report_to="none",
-    )
+    args = {
+        "model_name_or_path": str(upcycled_llama_dir),
+        "stage": "pt",
+        "do_train": True,
+        "finetuning_type": "moelpr",
+        "moelpr_stage": "review",
+        "generate_lang_mask": True,
+        "dataset": "new,old",
+        "dataset_dir": str(dataset_dir),
+        "cutoff_len": 17,
+        "output_dir": str(tmp_path / "out"),
+        "cache_dir": str(tmp_path / "hf_cache"),
+        "use_cpu": True,
+        "report_to": "none",
+    }
     args.update(overrides)
     model_args, data_args, training_args, _, _ = get_train_args(args)
     tokenizer_module = load_tokenizer(model_args)
@@ -85,11 +83,16 @@ def _check_mask_follows_tokens(dataset, tokenizer) -> tuple[int, int]:
 @pytest.mark.parametrize(
     "mix",
     [
-        dict(mix_strategy="concat"),
-        dict(mix_strategy="interleave_under", interleave_probs="0.5,0.5"),
-        dict(mix_strategy="interleave_over", interleave_probs="0.3,0.7", max_samples=3),
-        dict(mix_strategy="interleave_under", interleave_probs="0.5,0.5", streaming=True, max_steps=5,
-             dataloader_num_workers=1),
+        {"mix_strategy": "concat"},
+        {"mix_strategy": "interleave_under", "interleave_probs": "0.5,0.5"},
+        {"mix_strategy": "interleave_over", "interleave_probs": "0.3,0.7", "max_samples": 3},
+        {
+            "mix_strategy": "interleave_under",
+            "interleave_probs": "0.5,0.5",
+            "streaming": True,
+            "max_steps": 5,
+            "dataloader_num_workers": 1,
+        },
     ],
     ids=["concat", "interleave_under", "interleave_over_max_samples", "streaming"],
 )
@@ -121,8 +124,12 @@ def test_tokenized_path_keeps_the_mask_and_a_stale_cache_is_rejected(upcycled_ll
 
     stale = tmp_path / "stale"
     _load(
-        upcycled_llama_dir, dataset_dir, tmp_path, tokenized_path=str(stale),
-        moelpr_stage="post_pretrain", generate_lang_mask=False,
+        upcycled_llama_dir,
+        dataset_dir,
+        tmp_path,
+        tokenized_path=str(stale),
+        moelpr_stage="post_pretrain",
+        generate_lang_mask=False,
     )
     with pytest.raises(ValueError, match="no `lang_mask` column"):
         _load(upcycled_llama_dir, dataset_dir, tmp_path, tokenized_path=str(stale))
@@ -130,7 +137,11 @@ def test_tokenized_path_keeps_the_mask_and_a_stale_cache_is_rejected(upcycled_ll
 
 def test_without_generate_lang_mask_no_mask_is_built(upcycled_llama_dir, dataset_dir, tmp_path):
     dataset, _ = _load(
-        upcycled_llama_dir, dataset_dir, tmp_path, dataset="untagged", moelpr_stage="post_pretrain",
+        upcycled_llama_dir,
+        dataset_dir,
+        tmp_path,
+        dataset="untagged",
+        moelpr_stage="post_pretrain",
         generate_lang_mask=False,
     )
     assert "lang_mask" not in dataset.column_names

@@ -30,27 +30,32 @@ pytestmark = pytest.mark.skipif(CLI is None, reason="llamafactory-cli is not ins
 
 def train(tmp_path: Path, name: str, env: dict[str, str] | None = None, **settings) -> Path:
     """Run `llamafactory-cli train` on a tiny YAML recipe; return its output directory."""
-    recipe = dict(
-        stage="pt",
-        do_train=True,
-        finetuning_type="moelpr",
-        dataset_dir=str(REPO / "data"),
-        cutoff_len=32,
-        output_dir=str(tmp_path / name),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        logging_steps=1,
-        save_steps=2,
-        plot_loss=True,
-        report_to="none",
-        use_cpu=True,
-        seed=7,
-    )
+    recipe = {
+        "stage": "pt",
+        "do_train": True,
+        "finetuning_type": "moelpr",
+        "dataset_dir": str(REPO / "data"),
+        "cutoff_len": 32,
+        "output_dir": str(tmp_path / name),
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "logging_steps": 1,
+        "save_steps": 2,
+        "plot_loss": True,
+        "report_to": "none",
+        "use_cpu": True,
+        "seed": 7,
+    }
     recipe.update(settings)
     recipe_file = tmp_path / f"{name}.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe))
     run = subprocess.run(
-        [CLI, "train", str(recipe_file)], cwd=tmp_path, capture_output=True, text=True, env={**os.environ, **(env or {})}
+        [CLI, "train", str(recipe_file)],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     return Path(recipe["output_dir"])
@@ -79,22 +84,32 @@ def old_language_expert0_share(model_dir: Path) -> float:
     with torch.no_grad():
         out = model(**batch, output_router_logits=True)
     mask = batch["attention_mask"]
-    return routing_stats(out.router_logits, model.config.num_experts_per_tok, mask, mask)[
-        "old_lang_expert0_top1_share"
-    ]
+    return routing_stats(out.router_logits, model.config.num_experts_per_tok, mask, mask)["old_lang_expert0_top1_share"]
 
 
 @pytest.fixture(scope="module")
 def stage_outputs(upcycled_llama_dir, tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("stages")
     stage1 = train(
-        tmp, "stage1", model_name_or_path=str(upcycled_llama_dir), moelpr_stage="post_pretrain",
-        dataset="new_hu,new_tr", learning_rate=1e-3, max_steps=4,
+        tmp,
+        "stage1",
+        model_name_or_path=str(upcycled_llama_dir),
+        moelpr_stage="post_pretrain",
+        dataset="new_hu,new_tr",
+        learning_rate=1e-3,
+        max_steps=4,
     )
     stage2 = train(
-        tmp, "stage2", model_name_or_path=str(stage1), moelpr_stage="review", generate_lang_mask=True,
-        dataset="new_hu,old_en", mix_strategy="interleave_under", interleave_probs="0.5,0.5",
-        learning_rate=2e-2, max_steps=8,
+        tmp,
+        "stage2",
+        model_name_or_path=str(stage1),
+        moelpr_stage="review",
+        generate_lang_mask=True,
+        dataset="new_hu,old_en",
+        mix_strategy="interleave_under",
+        interleave_probs="0.5,0.5",
+        learning_rate=2e-2,
+        max_steps=8,
     )
     return {"upcycled": Path(upcycled_llama_dir), "stage1": stage1, "stage2": stage2, "tmp": tmp}
 
@@ -140,8 +155,13 @@ def test_routing_statistics_are_logged_every_step(stage_outputs):
 def test_resume_from_checkpoint_continues_the_run(stage_outputs, upcycled_llama_dir):
     stage1 = stage_outputs["stage1"]
     resumed = train(
-        stage_outputs["tmp"], "stage1_resumed", model_name_or_path=str(upcycled_llama_dir),
-        moelpr_stage="post_pretrain", dataset="new_hu,new_tr", learning_rate=1e-3, max_steps=4,
+        stage_outputs["tmp"],
+        "stage1_resumed",
+        model_name_or_path=str(upcycled_llama_dir),
+        moelpr_stage="post_pretrain",
+        dataset="new_hu,new_tr",
+        learning_rate=1e-3,
+        max_steps=4,
         resume_from_checkpoint=str(stage1 / "checkpoint-2"),
     )
     assert [e["current_steps"] for e in routing_log(resumed) if "loss" in e] == [3, 4]
@@ -156,12 +176,22 @@ def test_two_process_torchrun_with_experts_that_get_no_token(upcycled_llama_dir,
     start = tmp_path / "zero_routers"
     shutil.copytree(upcycled_llama_dir, start)
     tensors = weights(start)
-    save_file({k: torch.zeros_like(v) if ".mlp.router." in k else v for k, v in tensors.items()},
-              start / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: torch.zeros_like(v) if ".mlp.router." in k else v for k, v in tensors.items()},
+        start / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     out = train(
-        tmp_path, "ddp", env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"},
-        model_name_or_path=str(start), moelpr_stage="post_pretrain", generate_lang_mask=True,
-        dataset="new_hu,new_tr,old_en", learning_rate=1e-3, max_steps=2, per_device_train_batch_size=1,
+        tmp_path,
+        "ddp",
+        env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"},
+        model_name_or_path=str(start),
+        moelpr_stage="post_pretrain",
+        generate_lang_mask=True,
+        dataset="new_hu,new_tr,old_en",
+        learning_rate=1e-3,
+        max_steps=2,
+        per_device_train_batch_size=1,
     )
     diff = changed(weights(start), weights(out))
     assert diff and all(".mlp.router." in k or ".mlp.new_experts." in k for k in diff)
@@ -176,13 +206,19 @@ def test_bad_input_fails_before_training(tiny_llama_dir, tmp_path):
     output_dir = tmp_path / "never"
     recipe.write_text(
         yaml.safe_dump(
-            dict(
-                model_name_or_path=str(tiny_llama_dir), stage="pt", do_train=True, finetuning_type="moelpr",
-                dataset="new_hu", dataset_dir=str(REPO / "data"), output_dir=str(output_dir), use_cpu=True,
-            )
+            {
+                "model_name_or_path": str(tiny_llama_dir),
+                "stage": "pt",
+                "do_train": True,
+                "finetuning_type": "moelpr",
+                "dataset": "new_hu",
+                "dataset_dir": str(REPO / "data"),
+                "output_dir": str(output_dir),
+                "use_cpu": True,
+            }
         )
     )
-    run = subprocess.run([CLI, "train", str(recipe)], cwd=tmp_path, capture_output=True, text=True)
+    run = subprocess.run([CLI, "train", str(recipe)], check=False, cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode != 0
     assert "ValueError: `finetuning_type: moelpr` trains an upcycled MoE-LPR model" in run.stderr
     assert not (output_dir / "trainer_log.jsonl").exists()

@@ -6,6 +6,7 @@ Runs where ``deepspeed`` is installed (it is optional: only the ZeRO recipes nee
 from __future__ import annotations
 
 import pytest
+from llamafactory.model import patcher
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
@@ -13,9 +14,7 @@ from moelpr.llamafactory_plugin import apply
 from moelpr.models import MoELPRSparseBlock
 
 deepspeed_utils = pytest.importorskip("deepspeed.utils")
-apply()
-
-from llamafactory.model import patcher  # noqa: E402
+apply()  # what the startup hook does in llamafactory-cli
 
 
 def test_moe_block_is_a_zero3_leaf_module(upcycled_llama_dir):

@@ -82,13 +82,15 @@ def apply() -> None:
     if _applied:
         return
     check_llamafactory_version()
+    # Set before patching: importing llamafactory.train.tuner below fires the startup hook, which
+    # calls apply() again.
+    _applied = True
     for module_name, attribute, make_replacement in _patch_table():
         owner = import_module(module_name)
         *owner_path, name = attribute.split(".")
         for part in owner_path:
             owner = getattr(owner, part)
         setattr(owner, name, make_replacement(getattr(owner, name)))
-    _applied = True
 
 
 __all__ = ["SUPPORTED_LLAMAFACTORY", "apply", "check_llamafactory_version"]

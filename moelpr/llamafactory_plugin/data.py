@@ -68,9 +68,7 @@ class _LangMaskingTokenizer:
 
     def __call__(self, texts: list[str], **kwargs: Any) -> Any:
         encoded = self._tokenizer(texts, **kwargs)
-        encoded[LANG_MASK] = [
-            [flag] * len(ids) for flag, ids in zip(self._is_old, encoded["input_ids"], strict=True)
-        ]
+        encoded[LANG_MASK] = [[flag] * len(ids) for flag, ids in zip(self._is_old, encoded["input_ids"], strict=True)]
         return encoded
 
 

@@ -46,10 +46,9 @@ class MoELPRFinetuningArguments(FinetuningArguments):
     )
 
     def __post_init__(self) -> None:
-        moelpr_keys = {"moelpr_stage": self.moelpr_stage, "aux_loss_coef": self.aux_loss_coef}
-        moelpr_keys["lpr_loss_coef"] = self.lpr_loss_coef
         if self.finetuning_type != MOELPR:
-            given = [key for key, value in moelpr_keys.items() if value is not None]
+            moelpr_keys = ("moelpr_stage", "aux_loss_coef", "lpr_loss_coef")
+            given = [key for key in moelpr_keys if getattr(self, key) is not None]
             if given:
                 raise ValueError(f"{', '.join(f'`{k}`' for k in given)} only apply with `finetuning_type: moelpr`.")
             super().__post_init__()
@@ -126,13 +125,13 @@ def _check_dataset_languages(data_args: MoELPRDataArguments, review: bool) -> No
     unknown = {name: lang for name, lang in languages.items() if lang is not None and lang not in LANGUAGES}
     if unknown:
         raise ValueError(
-            f"Unknown `language` in dataset_info.json: {unknown}. Use \"old\" for a language the model already "
-            "knows or \"new\" for one it is being taught."
+            f'Unknown `language` in dataset_info.json: {unknown}. Use "old" for a language the model already '
+            'knows or "new" for one it is being taught.'
         )
     missing = [name for name, lang in languages.items() if lang is None]
     if data_args.generate_lang_mask and missing:
         raise ValueError(
-            f"`generate_lang_mask: true` needs `\"language\": \"old\"` or `\"new\"` on every dataset in "
+            f'`generate_lang_mask: true` needs `"language": "old"` or `"new"` on every dataset in '
             f"dataset_info.json; it is missing on: {', '.join(missing)}."
         )
     if review and OLD not in train.values():
