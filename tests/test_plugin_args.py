@@ -132,3 +132,13 @@ def test_example_recipes_parse(stage, expected, upcycled_llama_dir, tmp_path):
     assert (finetuning_args.moelpr_stage, finetuning_args.aux_loss_coef, finetuning_args.lpr_loss_coef) == expected
     assert data_args.generate_lang_mask == (stage == 2)
     assert training_args.learning_rate == 5e-5 and data_args.cutoff_len == {1: 1024, 2: 512}[stage]
+
+
+def test_apply_before_the_startup_hook_fires_patches_once():
+    """apply() imports LLaMA-Factory's trainer, which fires the hook's apply(): nothing is wrapped twice."""
+    probe = (
+        "from llamafactory.hparams import parser; import moelpr.llamafactory_plugin as plugin; plugin.apply(); "
+        "print(parser._parse_train_args.__closure__[0].cell_contents.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "llamafactory.hparams.parser"
