@@ -93,8 +93,9 @@ def _check_mask_follows_tokens(dataset, tokenizer) -> tuple[int, int]:
             "max_steps": 5,
             "dataloader_num_workers": 1,
         },
+        {"mix_strategy": "interleave_under", "interleave_probs": "0.5,0.5", "preprocessing_num_workers": 2},
     ],
-    ids=["concat", "interleave_under", "interleave_over_max_samples", "streaming"],
+    ids=["concat", "interleave_under", "interleave_over_max_samples", "streaming", "two_workers"],
 )
 def test_mask_follows_each_token_through_packing(upcycled_llama_dir, dataset_dir, tmp_path, mix):
     dataset, tokenizer = _load(upcycled_llama_dir, dataset_dir, tmp_path, **mix)
