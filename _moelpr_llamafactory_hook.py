@@ -1,20 +1,38 @@
 """Startup hook, run by ``moelpr-llamafactory.pth`` at every Python start.
 
-It only registers an import finder (no torch, no LLaMA-Factory import): when
-``llamafactory.train.tuner`` -- the module behind ``llamafactory-cli train`` and the ``torchrun``
-workers it launches -- has been imported, the finder applies moelpr's LLaMA-Factory plugin.
+It only registers an import finder (no torch, no LLaMA-Factory import). Once LLaMA-Factory imports
+``llamafactory.model.loader`` (every command that loads a model: train, chat, api, export), moelpr's
+model types are registered so MoE-LPR checkpoints load; once it imports ``llamafactory.train.tuner``
+(``llamafactory-cli train`` and the ``torchrun`` workers it launches), the plugin is applied.
 """
 
 import importlib.util
 import sys
+from collections.abc import Callable
 from importlib.abc import Loader, MetaPathFinder
 
-TRIGGER_MODULE = "llamafactory.train.tuner"
+
+def _register_model_types() -> None:
+    import moelpr  # noqa: F401  importing it registers the *_moelpr model types with the Auto classes
 
 
-class _ApplyPluginAfterLoad(Loader):
-    def __init__(self, loader: Loader) -> None:
+def _apply_plugin() -> None:
+    from moelpr.llamafactory_plugin import apply
+
+    apply()
+
+
+# LLaMA-Factory module -> what runs right after it has been imported.
+AFTER_IMPORT: dict[str, Callable[[], None]] = {
+    "llamafactory.model.loader": _register_model_types,
+    "llamafactory.train.tuner": _apply_plugin,
+}
+
+
+class _RunAfterLoad(Loader):
+    def __init__(self, loader: Loader, action: Callable[[], None]) -> None:
         self._loader = loader
+        self._action = action
 
     def __getattr__(self, name: str):
         return getattr(self._loader, name)
@@ -24,21 +42,28 @@ class _ApplyPluginAfterLoad(Loader):
 
     def exec_module(self, module) -> None:
         self._loader.exec_module(module)
-        from moelpr.llamafactory_plugin import apply
-
-        apply()
+        self._action()
 
 
 class _PluginFinder(MetaPathFinder):
+    def __init__(self, pending: dict[str, Callable[[], None]]) -> None:
+        self._pending = pending
+
     def find_spec(self, fullname, path, target=None):
-        if fullname != TRIGGER_MODULE:
+        if fullname not in self._pending:
             return None
-        sys.meta_path.remove(self)  # one shot, and lets the real finders answer below
-        spec = importlib.util.find_spec(fullname)
+        action = self._pending.pop(fullname)  # one shot per module
+        sys.meta_path.remove(self)  # let the real finders answer below
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            if self._pending:
+                sys.meta_path.insert(0, self)
         if spec is not None and spec.loader is not None:
-            spec.loader = _ApplyPluginAfterLoad(spec.loader)
+            spec.loader = _RunAfterLoad(spec.loader, action)
         return spec
 
 
-if TRIGGER_MODULE not in sys.modules:
-    sys.meta_path.insert(0, _PluginFinder())
+_pending = {name: action for name, action in AFTER_IMPORT.items() if name not in sys.modules}
+if _pending:
+    sys.meta_path.insert(0, _PluginFinder(_pending))

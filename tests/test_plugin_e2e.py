@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,19 @@ def test_routing_statistics_are_logged_every_step(stage_outputs):
         assert (out / "training_lpr_loss.png").is_file() and (out / "training_expert_share_0.png").is_file()
     stage2_log = [entry for entry in routing_log(stage_outputs["stage2"]) if "loss" in entry]
     assert stage2_log[-1]["lpr_loss"] < stage2_log[0]["lpr_loss"]
+
+
+def test_stage2_output_loads_in_llamafactory_chat(stage_outputs):
+    """The startup hook registers the model types for LLaMA-Factory's inference commands too."""
+    probe = (
+        "from llamafactory.chat import ChatModel; "
+        f"chat = ChatModel({{'model_name_or_path': {str(stage_outputs['stage2'])!r}, 'template': 'empty', "
+        "'max_new_tokens': 3, 'do_sample': False}); "
+        "chat.chat([{'role': 'user', 'content': 'hello'}]); print(type(chat.engine.model).__name__)"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().endswith("LlamaMoELPRForCausalLM")
 
 
 def test_resume_from_checkpoint_continues_the_run(stage_outputs, upcycled_llama_dir):
