@@ -173,11 +173,14 @@ def test_router_loss_gradient_follows_the_trainer_loss_scaling(upcycled_llama_di
 
 def test_router_losses_are_weighted_by_the_micro_batch_share_of_tokens(llama_moe):
     batch = _batch(llama_moe.config.vocab_size)
+    labelled = int((batch["labels"] != -100).sum())
     predicted = int((batch["labels"][:, 1:] != -100).sum())
     plain = llama_moe(**batch)
-    shared = llama_moe(**batch, num_items_in_batch=torch.tensor(predicted * 4))
-    # The trainer divides the LM loss by the whole step's tokens; router terms shrink alike.
-    lm_part = plain.lm_loss.item() / 4
+    # As the trainer counts them: this micro-batch holds a quarter of the step's labels.
+    shared = llama_moe(**batch, num_items_in_batch=torch.tensor(labelled * 4))
+    # The LM loss is summed over this batch's predicted tokens and divided by the step's labels;
+    # the router terms, per-batch means, get this micro-batch's share of the step.
+    lm_part = plain.lm_loss.item() * predicted / (labelled * 4)
     router_part = (plain.loss - plain.lm_loss).item() / 4
     assert shared.loss.item() == pytest.approx(lm_part + router_part, rel=1e-5)
 

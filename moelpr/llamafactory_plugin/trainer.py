@@ -13,7 +13,7 @@ from llamafactory.train.pt.trainer import CustomTrainer
 from transformers.trainer import TRAINER_STATE_NAME
 
 from moelpr.models import routing_stats
-from moelpr.models.modeling import _micro_batch_share
+from moelpr.models.modeling import micro_batch_share
 
 from .model import is_moelpr_model
 
@@ -74,7 +74,7 @@ class MoELPRTrainer(CustomTrainer):
         values.update(aux_loss=outputs.aux_loss.item(), lpr_loss=outputs.lpr_loss.item())
         # The model scales its LM loss by this micro-batch's share of the step's tokens; undo it so
         # lm_loss reads as a per-token loss whatever the gradient accumulation.
-        share = _micro_batch_share(inputs["labels"], num_items_in_batch)
+        share = micro_batch_share(inputs["labels"], num_items_in_batch)
         if share > 0:
             values["lm_loss"] = outputs.lm_loss.item() / share
         self._routing_meter.add(values)

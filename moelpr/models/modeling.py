@@ -27,7 +27,7 @@ class MoELPRCausalLMOutputWithPast(CausalLMOutputWithPast):
     router_logits: tuple[torch.Tensor, ...] | None = None
 
 
-def _micro_batch_share(labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> float:
+def micro_batch_share(labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> float:
     """Share of the optimizer step's predicted tokens that this micro-batch holds.
 
     When the trainer passes ``num_items_in_batch`` it normalises the LM loss by the tokens of the whole
@@ -36,8 +36,8 @@ def _micro_batch_share(labels: torch.Tensor, num_items_in_batch: torch.Tensor | 
     """
     if num_items_in_batch is None:
         return 1.0
-    predicted = int((labels[..., 1:] != IGNORE_INDEX).sum())
-    return predicted / max(float(num_items_in_batch), 1.0)
+    # Counted as the trainer counts ``num_items_in_batch`` (unshifted labels), so shares sum to one.
+    return int((labels != IGNORE_INDEX).sum()) / max(float(num_items_in_batch), 1.0)
 
 
 class MoELPRForCausalLMMixin:
@@ -92,7 +92,7 @@ class MoELPRForCausalLMMixin:
         num_moe_layers = len(config.moe_layer_indices)
         share = 1.0
         if labels is not None:
-            share = _micro_batch_share(labels, kwargs.get("num_items_in_batch"))
+            share = micro_batch_share(labels, kwargs.get("num_items_in_batch"))
             context.loss_weights = (
                 config.router_aux_loss_coef * share / num_moe_layers,
                 config.lpr_loss_coef * share / num_moe_layers,
