@@ -13,43 +13,47 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _annotated_heatmap(ax, values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], title: str):
-    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(col_labels)), labels=col_labels)
-    ax.set_yticks(range(len(row_labels)), labels=row_labels)
+def _annotated_heatmap(fig, ax, values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], title: str,
+                       value_range: tuple[float, float], digits: int) -> None:
+    low, high = value_range
+    image = ax.imshow(values, cmap="viridis", vmin=low, vmax=high, aspect="auto")
+    ax.set_xticks(range(len(col_labels)), labels=col_labels, fontsize=8)
+    ax.set_yticks(range(len(row_labels)), labels=row_labels, fontsize=8)
     ax.tick_params(top=True, bottom=False, labeltop=True, labelbottom=False)
-    ax.set_title(title, fontsize=10, pad=24)
+    ax.set_title(title, fontsize=9)
+    middle = (low + high) / 2
     for (row, col), value in np.ndenumerate(values):
         # Dark text on the bright end of viridis, light text on the dark end.
-        ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color="black" if value > 0.6 else "white")
-    return image
+        ax.text(col, row, f"{value:.{digits}f}", ha="center", va="center", fontsize=7,
+                color="black" if value > middle else "white")
+    fig.colorbar(image, ax=ax, shrink=0.8)
 
 
 def routing_heatmap(routing: Mapping[str, Mapping], languages: Sequence[str], old_languages: set[str], path: Path) -> None:
-    """One column of panels per MoE model: expert-0 top-1 share per layer x language (top) and the
-    router probability of each expert, averaged over layers, per language (bottom)."""
+    """One column per MoE model. Top: share of tokens whose top-1 expert is expert 0, per MoE layer and
+    language, on a fixed 0-1 scale so models compare at a glance. Bottom: each expert's router probability
+    averaged over tokens and layers, per language, on a scale fitted to the values (they often differ only
+    in the second decimal)."""
     models = list(routing)
     num_layers = max(len(routing[m]["layers"]) for m in models)
-    num_experts = max(routing[m]["num_experts"] for m in models)
-    labels = [f"{lang}\n(old)" if lang in old_languages else f"{lang}\n(new)" for lang in languages]
-    width = max(4.0, 0.9 * max(len(languages), num_experts) + 1.5)
+    labels = [f"{lang}\n({'old' if lang in old_languages else 'new'})" for lang in languages]
+    probs = {
+        m: np.array([np.mean(routing[m]["languages"][lang]["mean_router_prob"], axis=0) for lang in languages]) for m in models
+    }
+    prob_range = (min(p.min() for p in probs.values()), max(p.max() for p in probs.values()))
     fig, axes = plt.subplots(
-        2, len(models), squeeze=False, figsize=(width * len(models), 0.3 * num_layers + 0.4 * len(languages) + 4),
-        gridspec_kw={"height_ratios": [max(num_layers, 1), max(len(languages), 1) + 1]},
+        2, len(models), squeeze=False, layout="constrained",
+        figsize=(max(5.0, 1.0 * len(languages) + 2.5) * len(models), 0.28 * num_layers + 0.5 * len(languages) + 3),
+        gridspec_kw={"height_ratios": [max(num_layers, 2), len(languages) + 1]},
     )
     for col, model in enumerate(models):
         report = routing[model]
         share = np.array([[report["languages"][lang]["expert0_top1_share"][i] for lang in languages] for i in range(len(report["layers"]))])
-        image = _annotated_heatmap(
-            axes[0, col], share, [f"layer {i}" for i in report["layers"]], labels,
-            f"{model}: share of tokens whose top-1 expert is expert 0",
-        )
-        probs = np.array([np.mean(report["languages"][lang]["mean_router_prob"], axis=0) for lang in languages])
-        _annotated_heatmap(
-            axes[1, col], probs, labels, [f"expert {e}" for e in range(probs.shape[1])],
-            f"{model}: mean router probability (averaged over layers)",
-        )
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.5, label="share / probability")
+        _annotated_heatmap(fig, axes[0, col], share, [f"layer {i}" for i in report["layers"]], labels,
+                           f"{model}\nshare of tokens whose top-1 expert is expert 0", (0.0, 1.0), 2)
+        _annotated_heatmap(fig, axes[1, col], probs[model], labels, [f"expert {e}" for e in range(probs[model].shape[1])],
+                           f"{model}\nmean router probability (over tokens and layers)", prob_range, 3)
+    fig.suptitle("Routing on held-out text (expert 0 = the original dense FFN)", fontsize=11)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
