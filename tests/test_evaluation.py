@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moelpr  # noqa: F401  (registers the MoE-LPR model types)
 from moelpr.evaluation import evaluate_language, token_blocks
+from moelpr.evaluation.check import check_report
 from moelpr.evaluation.cli import main as eval_main
 
 TEXTS = {
@@ -115,6 +116,14 @@ def test_eval_command_writes_the_report(tiny_llama_dir, upcycled_llama_dir, held
         image = matplotlib.image.imread(out / name)
         assert image.shape[0] > 300 and image.shape[1] > 300
     assert json.loads((out / "loss_curves.json").read_text()) == {"stage1": [[1, 4.9], [2, 4.8], [3, 4.7]]}
+
+    # The CI check accepts this report, and notices what is missing or inconsistent.
+    assert check_report(out, models=["dense", "moe"], languages=["en", "hu"], runs=True) == []
+    assert check_report(out, models=["full_ft"]) == ["model full_ft missing"]
+    report["models"]["moe"]["languages"]["hu"]["perplexity"] *= 2
+    (out / "perplexity.json").write_text(json.dumps(report))
+    (out / "routing_heatmap.png").unlink()
+    assert check_report(out) == ["moe/hu: perplexity does not match nll_sum / predicted_tokens", "routing_heatmap.png is missing"]
 
 
 @pytest.mark.parametrize(

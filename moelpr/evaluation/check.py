@@ -1,0 +1,100 @@
+"""``python -m moelpr.evaluation.check DIR``: check that a ``moelpr eval`` report is complete and well formed
+(what CI asserts after ``scripts/demo.sh --quick``). Exit status 0 when it is, 1 with one line per problem."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _csv(value: str) -> list[str]:
+    return [item for item in (part.strip() for part in value.split(",")) if item]
+
+
+def _check_png(path: Path, problems: list[str]) -> None:
+    import matplotlib.image
+
+    if not path.is_file():
+        problems.append(f"{path.name} is missing")
+        return
+    image = matplotlib.image.imread(path)
+    if min(image.shape[:2]) < 200:
+        problems.append(f"{path.name} is only {image.shape[1]}x{image.shape[0]} pixels")
+
+
+def check_report(report_dir: Path, models: Sequence[str] = (), languages: Sequence[str] = (), runs: bool = False) -> list[str]:
+    """Problems found in the report in ``report_dir``; ``models`` / ``languages`` must all be present."""
+    problems: list[str] = []
+    try:
+        perplexity = json.loads((report_dir / "perplexity.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        return [f"perplexity.json unreadable: {error}"]
+    report_languages = perplexity.get("languages", {})
+    problems += [f"language {lang} missing" for lang in languages if lang not in report_languages]
+    problems += [f"model {name} missing" for name in models if name not in perplexity.get("models", {})]
+    moe_models = []
+    for name, entry in perplexity.get("models", {}).items():
+        if entry.get("kind") == "moe":
+            moe_models.append(name)
+        for lang in report_languages:
+            result = entry.get("languages", {}).get(lang)
+            if result is None:
+                problems.append(f"{name}: no result for {lang}")
+                continue
+            ppl, tokens = result.get("perplexity"), result.get("predicted_tokens")
+            if not (isinstance(tokens, int) and tokens > 0):
+                problems.append(f"{name}/{lang}: predicted_tokens {tokens!r}")
+            elif not (isinstance(ppl, float) and math.isfinite(ppl) and ppl >= 1.0):
+                problems.append(f"{name}/{lang}: perplexity {ppl!r}")
+            elif not math.isclose(ppl, math.exp(result["nll_sum"] / tokens), rel_tol=1e-6):
+                problems.append(f"{name}/{lang}: perplexity does not match nll_sum / predicted_tokens")
+
+    table = (report_dir / "perplexity.md").read_text() if (report_dir / "perplexity.md").is_file() else ""
+    problems += [f"perplexity.md has no row for {name}" for name in perplexity.get("models", {}) if f"| {name} |" not in table]
+
+    if moe_models:
+        try:
+            routing = json.loads((report_dir / "routing.json").read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            return problems + [f"routing.json unreadable: {error}"]
+        for name in moe_models:
+            entry = routing.get(name)
+            if entry is None:
+                problems.append(f"routing.json has no entry for MoE model {name}")
+                continue
+            for lang in report_languages:
+                stats = entry["languages"].get(lang, {})
+                shares, probs = stats.get("expert0_top1_share", []), stats.get("mean_router_prob", [])
+                if len(shares) != len(entry["layers"]) or len(probs) != len(entry["layers"]):
+                    problems.append(f"{name}/{lang}: routing has not one value per MoE layer")
+                elif not all(0.0 <= s <= 1.0 for s in shares):
+                    problems.append(f"{name}/{lang}: expert-0 share outside [0, 1]")
+                elif not all(len(p) == entry["num_experts"] and math.isclose(sum(p), 1.0, rel_tol=1e-3) for p in probs):
+                    problems.append(f"{name}/{lang}: router probabilities do not sum to 1 over the experts")
+        _check_png(report_dir / "routing_heatmap.png", problems)
+    if runs:
+        _check_png(report_dir / "loss_curves.png", problems)
+    return problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moelpr.evaluation.check", description=__doc__)
+    parser.add_argument("report_dir", type=Path)
+    parser.add_argument("--models", type=_csv, default=[], help="models that must be in the report")
+    parser.add_argument("--languages", type=_csv, default=[], help="languages that must be in the report")
+    parser.add_argument("--runs", action="store_true", help="loss_curves.png must exist")
+    args = parser.parse_args(argv)
+    problems = check_report(args.report_dir, args.models, args.languages, args.runs)
+    for problem in problems:
+        print(f"{args.report_dir}: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"{args.report_dir}: report complete and well formed")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
