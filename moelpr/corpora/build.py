@@ -118,7 +118,7 @@ def _help_documents(spec: CorpusSpec, unpacked: Path, options: CorpusOptions, wo
     order = shuffled(pages)[: options.max_documents]
     work = partial(_filter_page, lang_dir, spec.langid_code)
     paths = [pages[doc_id] for doc_id in order]
-    progress = dict(total=len(paths), desc=f"{spec.name}: parse + langid", unit="page")
+    progress = {"total": len(paths), "desc": f"{spec.name}: parse + langid", "unit": "page"}
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = list(tqdm(pool.map(work, paths, chunksize=16), **progress))

@@ -14,7 +14,7 @@ import numpy as np
 
 
 @lru_cache(maxsize=1)
-def _identifier():  # noqa: ANN202 - langid has no type information
+def _identifier():
     from langid.langid import LanguageIdentifier, model
 
     return LanguageIdentifier.from_modelstring(model, norm_probs=False)

@@ -32,8 +32,9 @@ def read_texts(path: Path, text_field: str = "text") -> list[str]:
 
 def load_model(path: Path, dtype: torch.dtype):
     """Model and tokenizer of a checkpoint directory; ``import moelpr`` registers the MoE-LPR types."""
-    import moelpr  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import moelpr  # noqa: F401
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -73,8 +74,10 @@ def _perplexity_markdown(results: Mapping[str, Mapping], languages: Sequence[str
     tokens = ", ".join(f"{lang}: {results[baseline]['languages'][lang]['predicted_tokens']}" for lang in languages)
     lines += [
         "",
-        f"Predicted tokens per language ({baseline}'s tokenizer): {tokens}. "
-        f"Blocks of {settings['cutoff_len']} tokens, dtype {settings['dtype']}.",
+        (
+            f"Predicted tokens per language ({baseline}'s tokenizer): {tokens}. "
+            f"Blocks of {settings['cutoff_len']} tokens, dtype {settings['dtype']}."
+        ),
         "",
     ]
     return "\n".join(lines)
