@@ -54,7 +54,7 @@ def test_perplexity_is_token_weighted_over_blocks(tiny_llama_dir):
         losses = [model(input_ids=torch.tensor([b]), labels=torch.tensor([b])).loss.item() for b in blocks]
     weights = [len(b) - 1 for b in blocks]
     assert result.predicted_tokens == sum(weights)
-    assert result.nll_sum == pytest.approx(sum(l * w for l, w in zip(losses, weights)), rel=1e-4)
+    assert result.nll_sum == pytest.approx(sum(loss * w for loss, w in zip(losses, weights)), rel=1e-4)
     assert result.perplexity == pytest.approx(math.exp(result.nll_sum / sum(weights)))
     assert result.routing is None
 

