@@ -22,6 +22,7 @@ from .models import MOE_FAMILIES
 from .models.moe import NEW_EXPERTS_NAME, ORIGINAL_EXPERT_NAME, ROUTER_NAME
 
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
 class UpcyclingError(ValueError):
@@ -57,6 +58,8 @@ def _check_request(model_path: Path, output_path: Path, num_experts: int, top_k:
     config_file = model_path / "config.json"
     if not config_file.is_file():
         raise UpcyclingError(f"--model_path {model_path} is not a model directory (no config.json there).")
+    if not any((model_path / f).is_file() for f in TOKENIZER_FILES):
+        raise UpcyclingError(f"--model_path {model_path} has no tokenizer files; the upcycled checkpoint needs them.")
     dense_config = json.loads(config_file.read_text())
     model_type = dense_config.get("model_type")
     if model_type not in MOE_FAMILIES:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,7 @@ def _gpt2_dir(tmp_path: Path) -> Path:
     path = tmp_path / "gpt2"
     path.mkdir()
     (path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (path / "tokenizer.json").write_text("{}")
     return path
 
 
@@ -63,6 +65,7 @@ def _gpt2_dir(tmp_path: Path) -> Path:
         ("one expert", ["--num_experts", "1"], "--num_experts must be at least 2"),
         ("topk too large", ["--num_experts", "2", "--topk", "3"], "--topk must be between 1 and --num_experts (2)"),
         ("missing path", ["--model_path", "{missing}"], "is not a model directory"),
+        ("no tokenizer", ["--model_path", "{no_tokenizer}"], "has no tokenizer files"),
         ("bad layers", ["--moe_layers", "0,9"], "names layers outside 0..3"),
         ("output holds a model", ["--output_path", "{dense}"], "already holds a model"),
         ("already upcycled", ["--model_path", "{upcycled}"], "already an upcycled MoE-LPR model"),
@@ -71,8 +74,11 @@ def _gpt2_dir(tmp_path: Path) -> Path:
 def test_bad_requests_get_one_clear_line_and_write_nothing(
     case, args, message, tiny_llama_dir, upcycled_llama_dir, tmp_path, capsys
 ):
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    shutil.copy(tiny_llama_dir / "config.json", no_tokenizer / "config.json")
     paths = {"gpt2": _gpt2_dir(tmp_path), "missing": tmp_path / "nope", "dense": tiny_llama_dir,
-             "upcycled": upcycled_llama_dir}
+             "upcycled": upcycled_llama_dir, "no_tokenizer": no_tokenizer}
     argv = {"--model_path": str(tiny_llama_dir), "--output_path": str(tmp_path / "out")}
     for key, value in zip(args[::2], args[1::2]):
         argv[key] = value.format(**paths)
