@@ -62,19 +62,17 @@ def test_save_and_load_round_trip_exactly(llama_moe, tmp_path):
 
 
 def _reference_balance(probs: torch.Tensor, top_k: int, valid: torch.Tensor) -> torch.Tensor:
-    """Switch loss written out per token and expert, independent of the library's vectorised form."""
+    """Mixtral's (the authors') balance loss written out per choice, token and expert, independent of the
+    library's vectorised form: ``N * sum_choice sum_e f[choice, e] * P[e]``, where ``f[choice, e]`` is the share
+    of tokens whose choice-th pick is expert ``e``."""
     num_experts = probs.shape[1]
-    counts = [0.0] * num_experts
-    [0.0] * num_experts
     tokens = [t for t in range(probs.shape[0]) if valid[t]]
-    for t in tokens:
-        chosen = sorted(range(num_experts), key=lambda e: -probs[t, e].item())[:top_k]
+    total = 0.0
+    for choice in range(top_k):
         for e in range(num_experts):
-            counts[e] += 1.0 if e in chosen else 0.0
-    total_slots = len(tokens) * top_k
-    prob_mean = torch.stack([probs[tokens, e].mean() for e in range(num_experts)])
-    share = torch.tensor([c / total_slots for c in counts])
-    return num_experts * (share * prob_mean).sum()
+            picked = [t for t in tokens if torch.topk(probs[t], top_k).indices[choice].item() == e]
+            total = total + (len(picked) / len(tokens)) * probs[tokens, e].mean()
+    return num_experts * total
 
 
 def _reference_lpr(logits: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -85,11 +83,13 @@ def _reference_lpr(logits: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
 def test_router_losses_match_an_independent_reference(llama_moe):
     model = llama_moe
     model.config.lpr_loss_coef = 0.3
+    batch = _batch(model.config.vocab_size)
     try:
-        batch = _batch(model.config.vocab_size)
+        model.train()  # the router losses join the loss only in training (no dropout in the tiny config)
         out = model(**batch, output_router_logits=True)
     finally:
         model.config.lpr_loss_coef = 0.0
+        model.eval()
     valid = batch["attention_mask"].reshape(-1).bool()
     old = batch["lang_mask"].reshape(-1).bool() & valid
     assert len(out.router_logits) == 4
@@ -105,6 +105,29 @@ def test_router_losses_match_an_independent_reference(llama_moe):
     assert out.lm_loss.item() == pytest.approx(lm.item(), rel=1e-5)
     expected = lm + 0.01 * balance + 0.3 * lpr
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_balance_loss_has_the_authors_scale(llama_moe):
+    """Mixtral's scale, the authors': top-k at even routing and with an all-zero router, whatever N."""
+    from moelpr.models.moe import load_balancing_loss, route
+
+    for num_experts, top_k in ((4, 2), (4, 1), (8, 2)):
+        logits = torch.zeros(6, num_experts)
+        probs, _, selected = route(logits, top_k)
+        assert load_balancing_loss(probs, selected, None).item() == pytest.approx(top_k)
+
+
+def test_eval_loss_is_the_lm_loss(llama_moe):
+    """In evaluation the router losses are reported beside the loss, never inside it (eval_perplexity)."""
+    batch = _batch(llama_moe.config.vocab_size)
+    llama_moe.config.lpr_loss_coef, llama_moe.config.router_aux_loss_coef = 5.0, 5.0
+    try:
+        out = llama_moe(**batch)
+    finally:
+        llama_moe.config.lpr_loss_coef, llama_moe.config.router_aux_loss_coef = 0.0, 0.01
+    assert not llama_moe.training
+    assert out.aux_loss.item() > 0 and out.lpr_loss.item() > 0
+    assert out.loss.item() == out.lm_loss.item()
 
 
 def test_new_language_tokens_get_no_lpr_term(llama_moe):
@@ -187,6 +210,7 @@ def test_router_losses_are_weighted_by_the_micro_batch_share_of_tokens(llama_moe
 
 def test_expert_without_tokens_still_takes_part_in_backward(upcycled_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(upcycled_llama_dir, num_experts_per_tok=1)
+    model.train()  # experts without tokens run only in training, where DDP needs them
     for block in model.moe_blocks():
         # Every token's top-1 is expert 0, so experts 1..3 receive no token in this step.
         block.router.register_forward_hook(lambda mod, args, out: out + torch.tensor([50.0, 0.0, 0.0, 0.0]))
@@ -226,3 +250,69 @@ def test_lang_mask_of_the_wrong_shape_is_refused(llama_moe):
     batch["lang_mask"] = batch["lang_mask"][:, :-1]
     with pytest.raises(ValueError, match="lang_mask must have the shape"):
         llama_moe(**batch)
+
+
+def test_top1_routing_keeps_the_dense_function_and_lets_the_lm_loss_teach_the_router(tiny_llama_dir, tmp_path):
+    out = upcycle(tiny_llama_dir, tmp_path / "top1", num_experts=4, top_k=1, seed=5)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    moe = AutoModelForCausalLM.from_pretrained(out, router_aux_loss_coef=0.0, lpr_loss_coef=0.0)
+    batch = _batch(dense.config.vocab_size)
+    with torch.no_grad():
+        dense_logits = dense(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        moe_logits = moe(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert (moe_logits - dense_logits).abs().max().item() <= 1e-5
+    # Make the new experts differ from expert 0, so the routing decision matters to the LM loss.
+    with torch.no_grad():
+        for block in moe.moe_blocks():
+            for expert in block.new_experts:
+                expert.down_proj.weight.mul_(1.5)
+    grads = _router_grads(moe, batch, None)
+    assert all(g.abs().max() > 1e-6 for g in grads)
+
+
+def test_plain_forward_does_no_routing_bookkeeping(llama_moe):
+    """Without labels and without a request for router logits, the blocks see no routing context (no losses,
+    no records, no device syncs for them)."""
+    from moelpr.models.moe import current_routing_context
+
+    seen = []
+    handles = [
+        block.register_forward_hook(lambda *_: seen.append(current_routing_context())) for block in llama_moe.moe_blocks()
+    ]
+    try:
+        batch = _batch(llama_moe.config.vocab_size)
+        out = llama_moe(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        llama_moe(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert out.aux_loss is None and out.router_logits is None
+    assert seen[:4] == [None] * 4 and all(context is not None for context in seen[4:8])
+
+
+def test_concurrent_forwards_get_what_each_gets_alone(llama_moe):
+    """One model, several threads (an API server under load, a thread pool): each forward keeps its own masks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    vocab = llama_moe.config.vocab_size
+    batches = []
+    for i in range(8):
+        batch = _batch(vocab, batch=1 + i % 3, seq=6 + 3 * i, seed=10 + i)
+        g = torch.Generator().manual_seed(i)
+        batch["lang_mask"] = (torch.rand(batch["input_ids"].shape, generator=g) < 0.5).long()
+        batches.append(batch)
+
+    def run(batch):
+        with torch.no_grad():
+            out = llama_moe(**batch, output_router_logits=True)
+        return out.logits, out.lm_loss, out.aux_loss, out.lpr_loss, out.router_logits
+
+    alone = [run(batch) for batch in batches]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(run, batches * 3))
+    for i, got in enumerate(together):
+        want = alone[i % len(batches)]
+        assert torch.equal(got[0], want[0])
+        for g, w in zip(got[1:4], want[1:4]):
+            assert torch.equal(g, w), i
+        assert all(torch.equal(g, w) for g, w in zip(got[4], want[4]))

@@ -69,6 +69,14 @@ def _with_dataset_info(tmp_path: Path, language_of: dict[str, str | None]) -> st
         ({"finetuning_type": "full", "generate_lang_mask": True}, "only applies with `finetuning_type: moelpr`"),
         ({"stage": "sft", "template": "empty"}, "runs with `stage: pt`"),
         ({"moe_aux_loss_coef": 0.02}, "set the load-balancing weight with `aux_loss_coef`"),
+        ({"train_from_scratch": True}, "`train_from_scratch` re-initialises every weight"),
+        ({"resize_vocab": True}, "`resize_vocab` would add embedding rows"),
+        ({"add_special_tokens": "<x>"}, "`add_special_tokens` would add embedding rows"),
+        ({"label_smoothing_factor": 0.1}, "`label_smoothing_factor` makes the trainer compute its own loss"),
+        ({"dataset_dir": "ONLINE"}, "`dataset_dir: ONLINE` has no dataset_info.json"),
+        ({"upcast_layernorm": True}, "`upcast_layernorm` casts the frozen norm weights"),
+        ({"mixture_of_depths": "convert"}, "`mixture_of_depths` rewrites the decoder layers"),
+        ({"quantization_bit": 4}, "`quantization_bit` quantizes the frozen weights"),
     ],
     ids=[
         "lpr_in_stage1",
@@ -78,6 +86,14 @@ def _with_dataset_info(tmp_path: Path, language_of: dict[str, str | None]) -> st
         "mask_without_moelpr",
         "not_pt",
         "lf_moe_aux_key",
+        "train_from_scratch",
+        "resize_vocab",
+        "new_special_tokens",
+        "label_smoothing",
+        "online_datasets",
+        "upcast_layernorm",
+        "mixture_of_depths",
+        "quantization_bit",
     ],
 )
 def test_bad_settings_raise_a_clear_error(base_args, overrides, message):
@@ -88,6 +104,16 @@ def test_bad_settings_raise_a_clear_error(base_args, overrides, message):
 def test_dense_model_points_to_upcycling(base_args, tiny_llama_dir):
     with pytest.raises(ValueError, match="moelpr upcycle --model_path"):
         get_train_args({**base_args, "model_name_or_path": str(tiny_llama_dir)})
+
+
+def test_pre_quantized_checkpoint_is_refused(base_args, upcycled_llama_dir, tmp_path):
+    quantized = tmp_path / "quantized"
+    shutil.copytree(upcycled_llama_dir, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="is a quantized checkpoint"):
+        get_train_args({**base_args, "model_name_or_path": str(quantized)})
 
 
 def test_unknown_language_value(base_args, tmp_path):
@@ -142,3 +168,22 @@ def test_apply_before_the_startup_hook_fires_patches_once():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "llamafactory.hparams.parser"
+
+
+def test_trainer_refuses_to_backpropagate_another_loss(base_args, upcycled_llama_dir):
+    """A custom compute_loss_func would bypass the model's loss, through which the router losses get their gradient."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moelpr.llamafactory_plugin.trainer import MoELPRTrainer
+
+    _, _, training_args, finetuning_args, _ = get_train_args(base_args)
+    common = {
+        "model": AutoModelForCausalLM.from_pretrained(upcycled_llama_dir),
+        "args": training_args,
+        "finetuning_args": finetuning_args,
+        "processor": None,
+        "tokenizer": AutoTokenizer.from_pretrained(upcycled_llama_dir),
+    }
+    MoELPRTrainer(**common)  # the model's own loss is fine
+    with pytest.raises(ValueError, match="must be trained on the loss it returns"):
+        MoELPRTrainer(**common, compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss)

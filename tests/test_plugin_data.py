@@ -132,8 +132,17 @@ def test_tokenized_path_keeps_the_mask_and_a_stale_cache_is_rejected(upcycled_ll
         moelpr_stage="post_pretrain",
         generate_lang_mask=False,
     )
-    with pytest.raises(ValueError, match="no `lang_mask` column"):
+    with pytest.raises(ValueError, match="has no `lang_mask`: it was tokenized without"):
         _load(upcycled_llama_dir, dataset_dir, tmp_path, tokenized_path=str(stale))
+
+
+def test_review_on_tokenized_data_without_old_language_tokens_is_refused(upcycled_llama_dir, dataset_dir, tmp_path):
+    """dataset_info.json is not read again for a tokenized dataset: the saved mask itself must show old tokens."""
+    new_only = tmp_path / "new_only"
+    _load(upcycled_llama_dir, dataset_dir, tmp_path, tokenized_path=str(new_only), moelpr_stage="post_pretrain",
+          dataset="new")
+    with pytest.raises(ValueError, match="has none \\(its `lang_mask` is 0 everywhere\\)"):
+        _load(upcycled_llama_dir, dataset_dir, tmp_path, tokenized_path=str(new_only))
 
 
 def test_without_generate_lang_mask_no_mask_is_built(upcycled_llama_dir, dataset_dir, tmp_path):

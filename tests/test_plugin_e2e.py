@@ -234,5 +234,30 @@ def test_bad_input_fails_before_training(tiny_llama_dir, tmp_path):
     )
     run = subprocess.run([CLI, "train", str(recipe)], check=False, cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode != 0
-    assert "ValueError: `finetuning_type: moelpr` trains an upcycled MoE-LPR model" in run.stderr
+    assert "[moelpr] error: `finetuning_type: moelpr` trains an upcycled MoE-LPR model" in run.stderr
+    assert "Traceback" not in run.stderr  # a user mistake is one line, not a stack trace
     assert not (output_dir / "trainer_log.jsonl").exists()
+
+
+def test_eval_loss_is_the_lm_loss_whatever_the_router_loss_weights(stage_outputs):
+    """LLaMA-Factory's eval_loss and eval_perplexity measure the language model, not the router losses."""
+    results = []
+    for name, coefs in (("eval_plain", {"aux_loss_coef": 0.0, "lpr_loss_coef": 0.0}),
+                        ("eval_heavy", {"aux_loss_coef": 10.0, "lpr_loss_coef": 10.0})):
+        out = train(
+            stage_outputs["tmp"],
+            name,
+            model_name_or_path=str(stage_outputs["stage2"]),
+            moelpr_stage="review",
+            generate_lang_mask=True,
+            do_train=False,
+            do_eval=True,
+            dataset="new_hu,old_en",
+            eval_dataset="old_en,new_hu",
+            per_device_eval_batch_size=2,
+            **coefs,
+        )
+        results.append(json.loads((out / "eval_results.json").read_text()))
+    plain, heavy = results
+    assert plain["eval_loss"] == pytest.approx(heavy["eval_loss"], rel=1e-6), (plain, heavy)
+    assert plain["eval_perplexity"] == pytest.approx(heavy["eval_perplexity"], rel=1e-6)

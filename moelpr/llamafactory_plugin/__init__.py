@@ -12,6 +12,7 @@ workers it launches) pick the plugin up without a wrapper command.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
@@ -64,7 +65,6 @@ def _patch_table() -> list[tuple[str, str, Callable[[Any], Any]]]:
             "PretrainDatasetProcessor.preprocess_dataset",
             data.wrap_pretrain_preprocess,
         ),
-        ("llamafactory.train.pt.workflow", "get_dataset", data.wrap_get_dataset),
         ("llamafactory.train.pt.workflow", "DataCollatorForLanguageModeling", data.lang_mask_collator_class),
         # Model: stage freeze rules and router-loss weights; ZeRO-3 leaf module.
         ("llamafactory.model.loader", "init_adapter", model.wrap_init_adapter),
@@ -76,6 +76,22 @@ def _patch_table() -> list[tuple[str, str, Callable[[Any], Any]]]:
     ]
 
 
+def _print_argument_errors_in_one_line() -> None:
+    """A moelpr setting the user must change is reported as one line, not as a stack trace; every other
+    uncaught exception keeps the usual traceback."""
+    from .hparams import MoELPRArgumentError
+
+    previous_hook = sys.excepthook
+
+    def excepthook(exc_type: type[BaseException], exc: BaseException, traceback: Any) -> None:
+        if issubclass(exc_type, MoELPRArgumentError):
+            print(f"[moelpr] error: {exc}", file=sys.stderr)
+        else:
+            previous_hook(exc_type, exc, traceback)
+
+    sys.excepthook = excepthook
+
+
 def apply() -> None:
     """Install the plugin into the imported LLaMA-Factory; safe to call more than once."""
     global _applied
@@ -85,6 +101,7 @@ def apply() -> None:
     # Set before patching: importing llamafactory.train.tuner below fires the startup hook, which
     # calls apply() again.
     _applied = True
+    _print_argument_errors_in_one_line()
     for module_name, attribute, make_replacement in _patch_table():
         owner = import_module(module_name)
         *owner_path, name = attribute.split(".")

@@ -82,27 +82,6 @@ def wrap_pretrain_preprocess(preprocess: Callable[..., dict[str, list[Any]]]) ->
     return preprocess_dataset
 
 
-def wrap_get_dataset(get_dataset: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
-    def get_dataset_with_lang_mask_check(
-        template: Any, model_args: Any, data_args: Any, training_args: Any, *args: Any, **kwargs: Any
-    ) -> dict[str, Any]:
-        dataset_module = get_dataset(template, model_args, data_args, training_args, *args, **kwargs)
-        if getattr(data_args, "generate_lang_mask", False):
-            for split, dataset in dataset_module.items():
-                datasets = dataset.values() if isinstance(dataset, Mapping) else [dataset]
-                # Streamed datasets may not know their columns; they are tokenized in this very run.
-                columns = [getattr(d, "column_names", None) for d in datasets]
-                if any(names is not None and LANG_MASK not in names for names in columns):
-                    raise ValueError(
-                        f"The {split} has no `{LANG_MASK}` column although `generate_lang_mask` is on. It was "
-                        f"probably tokenized without it: rebuild `tokenized_path` ({data_args.tokenized_path}) "
-                        "with `generate_lang_mask: true`."
-                    )
-        return dataset_module
-
-    return get_dataset_with_lang_mask_check
-
-
 @dataclass
 class LangMaskDataCollator(DataCollatorForLanguageModeling):
     """The pt collator, plus ``lang_mask`` padded like ``input_ids`` (padding counts as new-language)."""

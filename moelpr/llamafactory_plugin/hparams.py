@@ -15,6 +15,12 @@ REVIEW = "review"
 OLD, NEW = "old", "new"
 LANGUAGES = (OLD, NEW)
 
+
+
+class MoELPRArgumentError(ValueError):
+    """A moelpr setting that cannot train correctly; the CLI prints it as one line (see :func:`one_line_errors`)."""
+
+
 # The paper's settings: stage 1 balances the load, stage 2 pulls old-language tokens to expert 0.
 DEFAULT_AUX_LOSS_COEF = {POST_PRETRAIN: 0.01, REVIEW: 0.0}
 DEFAULT_LPR_LOSS_COEF = {POST_PRETRAIN: 0.0, REVIEW: 0.1}
@@ -50,7 +56,7 @@ class MoELPRFinetuningArguments(FinetuningArguments):
             moelpr_keys = ("moelpr_stage", "aux_loss_coef", "lpr_loss_coef")
             given = [key for key in moelpr_keys if getattr(self, key) is not None]
             if given:
-                raise ValueError(f"{', '.join(f'`{k}`' for k in given)} only apply with `finetuning_type: moelpr`.")
+                raise MoELPRArgumentError(f"{', '.join(f'`{k}`' for k in given)} only apply with `finetuning_type: moelpr`.")
             super().__post_init__()
             return
 
@@ -64,7 +70,7 @@ class MoELPRFinetuningArguments(FinetuningArguments):
 
         self.moelpr_stage = self.moelpr_stage or POST_PRETRAIN
         if self.moelpr_stage == POST_PRETRAIN and self.lpr_loss_coef:
-            raise ValueError(
+            raise MoELPRArgumentError(
                 "`lpr_loss_coef` applies to the review stage only: post-pretraining (stage 1) sees new-language "
                 "text and trains the new experts; set `moelpr_stage: review` for the LPR loss, or drop the key."
             )
@@ -73,7 +79,7 @@ class MoELPRFinetuningArguments(FinetuningArguments):
         if self.lpr_loss_coef is None:
             self.lpr_loss_coef = DEFAULT_LPR_LOSS_COEF[self.moelpr_stage]
         if self.aux_loss_coef < 0 or self.lpr_loss_coef < 0:
-            raise ValueError("`aux_loss_coef` and `lpr_loss_coef` must not be negative.")
+            raise MoELPRArgumentError("`aux_loss_coef` and `lpr_loss_coef` must not be negative.")
 
 
 @dataclass
@@ -110,9 +116,15 @@ def _check_model_is_moelpr(model_args: ModelArguments) -> None:
 
     from .model import MOELPR_MODEL_TYPES
 
-    model_type = getattr(load_config(model_args), "model_type", None)
+    config = load_config(model_args)
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "quantization_config", None) is not None:
+        raise MoELPRArgumentError(
+            f"{model_args.model_name_or_path} is a quantized checkpoint; moelpr keeps the original weights "
+            "bit-identical and trains the new ones in full precision, so upcycle and train an unquantized model."
+        )
     if model_type not in MOELPR_MODEL_TYPES:
-        raise ValueError(
+        raise MoELPRArgumentError(
             f"`finetuning_type: moelpr` trains an upcycled MoE-LPR model, but {model_args.model_name_or_path} is "
             f"a {model_type!r} model. Upcycle it first (`moelpr upcycle --model_path {model_args.model_name_or_path} "
             "--output_path <moe_dir> --num_experts 4 --topk 2`) and set `model_name_or_path: <moe_dir>`."
@@ -124,21 +136,92 @@ def _check_dataset_languages(data_args: MoELPRDataArguments, review: bool) -> No
     languages = {**train, **dataset_languages(data_args.eval_dataset, data_args.dataset_dir)}
     unknown = {name: lang for name, lang in languages.items() if lang is not None and lang not in LANGUAGES}
     if unknown:
-        raise ValueError(
+        raise MoELPRArgumentError(
             f'Unknown `language` in dataset_info.json: {unknown}. Use "old" for a language the model already '
             'knows or "new" for one it is being taught.'
         )
     missing = [name for name, lang in languages.items() if lang is None]
     if data_args.generate_lang_mask and missing:
-        raise ValueError(
+        raise MoELPRArgumentError(
             f'`generate_lang_mask: true` needs `"language": "old"` or `"new"` on every dataset in '
             f"dataset_info.json; it is missing on: {', '.join(missing)}."
         )
     if review and OLD not in train.values():
-        raise ValueError(
+        raise MoELPRArgumentError(
             "The review stage trains the routers to send old-language tokens to expert 0, so it needs at least one "
             f'training dataset marked `"language": "old"` in dataset_info.json; got {train or "none"}.'
         )
+
+
+def _check_tokenized_languages(data_args: MoELPRDataArguments, review: bool) -> None:
+    """Languages of a dataset tokenized earlier: dataset_info.json may have changed since, so read the saved mask."""
+    import pyarrow.compute as pc
+    from datasets import load_from_disk
+
+    from .data import LANG_MASK
+
+    if not data_args.generate_lang_mask:
+        return
+    saved = load_from_disk(data_args.tokenized_path)
+    train = saved["train"] if "train" in saved else None
+    if train is None or LANG_MASK not in train.column_names:
+        raise MoELPRArgumentError(
+            f"The dataset tokenized in `tokenized_path` ({data_args.tokenized_path}) has no `{LANG_MASK}`: it was "
+            "tokenized without `generate_lang_mask: true`; tokenize it again with it."
+        )
+    if review and not any(
+        pc.max(pc.list_flatten(chunk)).as_py() for chunk in train.data.column(LANG_MASK).chunks if len(chunk)
+    ):
+        raise MoELPRArgumentError(
+            f"The review stage needs old-language tokens, but the dataset tokenized in `tokenized_path` "
+            f"({data_args.tokenized_path}) has none (its `{LANG_MASK}` is 0 everywhere): tokenize a replay mix "
+            'that includes a dataset marked `"language": "old"`.'
+        )
+
+
+def _unsafe_options(
+    model_args: ModelArguments,
+    data_args: MoELPRDataArguments,
+    training_args: TrainingArguments,
+    finetuning_args: MoELPRFinetuningArguments,
+) -> list[str]:
+    """LLaMA-Factory options that would silently break MoE-LPR's promises, each with the reason."""
+    unsafe = []
+    if model_args.train_from_scratch:
+        unsafe.append(
+            "`train_from_scratch` re-initialises every weight, including the frozen original FFN (expert 0) that "
+            "MoE-LPR keeps; moelpr trains an upcycled pretrained model."
+        )
+    tokens = {"resize_vocab": model_args.resize_vocab, "add_tokens": model_args.add_tokens}
+    tokens |= {"add_special_tokens": model_args.add_special_tokens}
+    tokens |= {"new_special_tokens_config": model_args.new_special_tokens_config}
+    given = [f"`{key}`" for key, value in tokens.items() if value]
+    if given:
+        unsafe.append(
+            f"{', '.join(given)} would add embedding rows that moelpr keeps frozen (the embeddings are original "
+            "parameters), so the new tokens would never be learned; extend the tokenizer before upcycling instead."
+        )
+    if training_args.label_smoothing_factor:
+        unsafe.append(
+            "`label_smoothing_factor` makes the trainer compute its own loss from the logits, which drops the "
+            "router losses (and fails on the missing labels); remove it."
+        )
+    if data_args.dataset_dir == "ONLINE":
+        unsafe.append(
+            '`dataset_dir: ONLINE` has no dataset_info.json to say each dataset\'s `"language"`; register the '
+            "corpora in a local dataset_info.json."
+        )
+    if model_args.quantization_bit is not None:
+        unsafe.append("`quantization_bit` quantizes the frozen weights, so they would no longer stay bit-identical.")
+    if model_args.upcast_layernorm:
+        unsafe.append(
+            "`upcast_layernorm` casts the frozen norm weights to float32, so they would be saved changed; remove it."
+        )
+    if model_args.mixture_of_depths is not None:
+        unsafe.append("`mixture_of_depths` rewrites the decoder layers that hold the MoE blocks; remove it.")
+    if finetuning_args.use_badam:
+        unsafe.append("BAdam changes which parameters train, which breaks the moelpr freeze rules.")
+    return unsafe
 
 
 def check_moelpr_args(
@@ -150,27 +233,30 @@ def check_moelpr_args(
     """Reject moelpr settings that cannot train correctly, before anything is loaded."""
     if finetuning_args.finetuning_type != MOELPR:
         if data_args.generate_lang_mask:
-            raise ValueError("`generate_lang_mask` only applies with `finetuning_type: moelpr`.")
+            raise MoELPRArgumentError("`generate_lang_mask` only applies with `finetuning_type: moelpr`.")
         return
 
     if finetuning_args.stage != "pt":
-        raise ValueError(
+        raise MoELPRArgumentError(
             f"`finetuning_type: moelpr` runs with `stage: pt` (both MoE-LPR stages train on raw documents), "
             f"got `stage: {finetuning_args.stage}`."
         )
     if model_args.moe_aux_loss_coef is not None:
-        raise ValueError("With `finetuning_type: moelpr`, set the load-balancing weight with `aux_loss_coef`.")
-    if finetuning_args.use_badam:
-        raise ValueError("BAdam changes which parameters train, which breaks the moelpr freeze rules.")
+        raise MoELPRArgumentError("With `finetuning_type: moelpr`, set the load-balancing weight with `aux_loss_coef`.")
+    unsafe = _unsafe_options(model_args, data_args, training_args, finetuning_args)
+    if unsafe:
+        raise MoELPRArgumentError(" ".join(unsafe))
 
     review = finetuning_args.moelpr_stage == REVIEW
     if review and not data_args.generate_lang_mask:
-        raise ValueError(
+        raise MoELPRArgumentError(
             "The review stage (`moelpr_stage: review`) applies the LPR loss to old-language tokens, which needs "
             "the language mask: set `generate_lang_mask: true`."
         )
     _check_model_is_moelpr(model_args)
-    if not (data_args.tokenized_path and has_tokenized_data(data_args.tokenized_path)):
+    if data_args.tokenized_path and has_tokenized_data(data_args.tokenized_path):
+        _check_tokenized_languages(data_args, review)
+    else:
         _check_dataset_languages(data_args, review)
 
 

@@ -15,6 +15,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from moelpr.models import routing_stats
 from moelpr.models.modeling import micro_batch_share
 
+from .hparams import MoELPRArgumentError
 from .model import is_moelpr_model
 
 LOSS_KEYS = ("lm_loss", "aux_loss", "lpr_loss")
@@ -51,7 +52,14 @@ class MoELPRTrainer(CustomTrainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._routing_meter = RoutingMeter(self.model.config.num_experts) if is_moelpr_model(self.model) else None
+        moe = is_moelpr_model(self.model)
+        if moe and (self.compute_loss_func is not None or self.label_smoother is not None):
+            # The router losses reach the router only through the model's own loss (moelpr/models/moe.py).
+            raise MoELPRArgumentError(
+                "A MoE-LPR model must be trained on the loss it returns: a custom `compute_loss_func` or label "
+                "smoothing computes another loss from the logits, and the router losses would get no gradient."
+            )
+        self._routing_meter = RoutingMeter(self.model.config.max_num_experts) if moe else None
 
     def compute_loss(
         self,

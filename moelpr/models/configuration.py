@@ -10,7 +10,8 @@ from typing import Any
 class MoELPRConfigMixin:
     r"""Fields and checks every ``*_moelpr`` config adds to its dense family's config.
 
-    num_experts: experts per MoE layer; expert 0 is the original FFN.
+    num_experts: experts per MoE layer, expert 0 being the original FFN; or one count per MoE layer (in the
+        order of ``moe_layer_indices``) when layers get different numbers of experts.
     num_experts_per_tok: top-k experts each token is routed to.
     moe_layers: indices of the upcycled layers; ``None`` upcycles every layer, the others stay dense.
     router_aux_loss_coef: weight of the load-balancing loss.
@@ -18,7 +19,7 @@ class MoELPRConfigMixin:
     output_router_logits: return router logits in the model output.
     """
 
-    num_experts: int = 4
+    num_experts: int | list[int] = 4
     num_experts_per_tok: int = 2
     moe_layers: list[int] | None = None
     router_aux_loss_coef: float = 0.01
@@ -26,13 +27,6 @@ class MoELPRConfigMixin:
     output_router_logits: bool = False
 
     def validate_moe(self) -> None:
-        if self.num_experts < 2:
-            raise ValueError(f"num_experts must be at least 2 (expert 0 plus new experts), got {self.num_experts}.")
-        if not 1 <= self.num_experts_per_tok <= self.num_experts:
-            raise ValueError(
-                f"num_experts_per_tok (top-k) must be between 1 and num_experts={self.num_experts}, "
-                f"got {self.num_experts_per_tok}."
-            )
         if self.moe_layers is not None:
             bad = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
             if bad or not self.moe_layers:
@@ -41,6 +35,18 @@ class MoELPRConfigMixin:
                     f"got {self.moe_layers}."
                 )
             self.moe_layers = sorted(set(self.moe_layers))
+        counts = self.num_experts if isinstance(self.num_experts, list) else [self.num_experts]
+        if isinstance(self.num_experts, list) and len(counts) != len(self.moe_layer_indices):
+            raise ValueError(
+                f"num_experts lists one count per MoE layer ({len(self.moe_layer_indices)} layers), got {len(counts)}."
+            )
+        if min(counts) < 2:
+            raise ValueError(f"every MoE layer needs at least 2 experts (expert 0 plus new experts), got {counts}.")
+        if not 1 <= self.num_experts_per_tok <= min(counts):
+            raise ValueError(
+                f"num_experts_per_tok (top-k) must be between 1 and the smallest expert count ({min(counts)}), "
+                f"got {self.num_experts_per_tok}."
+            )
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.moe_layers is None or layer_idx in self.moe_layers
@@ -48,6 +54,16 @@ class MoELPRConfigMixin:
     @property
     def moe_layer_indices(self) -> list[int]:
         return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    def num_experts_of(self, layer_idx: int) -> int:
+        """Experts of MoE layer ``layer_idx``."""
+        if isinstance(self.num_experts, int):
+            return self.num_experts
+        return self.num_experts[self.moe_layer_indices.index(layer_idx)]
+
+    @property
+    def max_num_experts(self) -> int:
+        return max(self.num_experts) if isinstance(self.num_experts, list) else self.num_experts
 
     @classmethod
     def from_dense(cls, dense_config: Any, **moe_fields: Any) -> MoELPRConfigMixin:

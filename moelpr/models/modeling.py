@@ -8,16 +8,25 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .moe import LossScale, MoELPRSparseBlock, RoutingContext, RoutingState, probe_loss_scale
+from .moe import (
+    ROUTING_KWARG,
+    LossScale,
+    MoELPRSparseBlock,
+    RoutingContext,
+    enter_decoder_layer,
+    exit_decoder_layer,
+    probe_loss_scale,
+)
 
 IGNORE_INDEX = -100
 
 
 @dataclass
 class MoELPRCausalLMOutputWithPast(CausalLMOutputWithPast):
-    """``loss`` is ``lm_loss`` plus the coefficient-weighted ``aux_loss`` (load balancing) and ``lpr_loss``.
+    """In training, ``loss`` is ``lm_loss`` plus the coefficient-weighted ``aux_loss`` (load balancing) and
+    ``lpr_loss``; in evaluation (``model.eval()``) it is ``lm_loss`` alone.
 
-    ``aux_loss`` and ``lpr_loss`` are unweighted means over MoE layers; ``router_logits`` holds one
+    ``aux_loss`` and ``lpr_loss`` (given labels) are unweighted means over MoE layers; ``router_logits`` holds one
     ``[batch * seq_len, num_experts]`` tensor per MoE layer when router logits are asked for.
     """
 
@@ -51,17 +60,22 @@ class MoELPRForCausalLMMixin:
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self._routing_state = RoutingState()
         for layer_idx in config.moe_layer_indices:
-            self.model.layers[layer_idx].mlp = MoELPRSparseBlock(
-                hidden_size=config.hidden_size,
-                num_experts=config.num_experts,
-                top_k=config.num_experts_per_tok,
-                make_expert=lambda: self.expert_class(config),
-                state=self._routing_state,
-            )
+            self.model.layers[layer_idx].mlp = self.make_moe_block(config, layer_idx)
+        for layer in self.model.layers:
+            # Every layer: the routing context must not reach the attention code as an unknown argument.
+            layer.register_forward_pre_hook(enter_decoder_layer, with_kwargs=True)
+            layer.register_forward_hook(exit_decoder_layer, always_call=True)
         # Again, now that the MoE blocks exist: initialise their weights and register them.
         self.post_init()
+
+    def make_moe_block(self, config, layer_idx: int) -> nn.Module:
+        return MoELPRSparseBlock(
+            hidden_size=config.hidden_size,
+            num_experts=config.num_experts_of(layer_idx),
+            top_k=config.num_experts_per_tok,
+            make_expert=lambda: self.expert_class(config),
+        )
 
     def moe_blocks(self) -> list[MoELPRSparseBlock]:
         return [m for m in self.modules() if isinstance(m, MoELPRSparseBlock)]
@@ -83,30 +97,40 @@ class MoELPRForCausalLMMixin:
         config = self.config
         if output_router_logits is None:
             output_router_logits = config.output_router_logits
-        inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        batch, seq_len = inputs.shape[:2]
-        context = RoutingContext(
-            token_mask=_flat_token_mask(attention_mask, seq_len),
-            lang_mask=_flat_lang_mask(lang_mask, batch, seq_len),
-        )
-        num_moe_layers = len(config.moe_layer_indices)
+        compute_losses = labels is not None
+        context = None
+        if compute_losses or output_router_logits:
+            inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+            batch, seq_len = inputs.shape[:2]
+            context = RoutingContext(
+                token_mask=_flat_token_mask(attention_mask, seq_len),
+                lang_mask=_flat_lang_mask(lang_mask, batch, seq_len),
+                compute_losses=compute_losses,
+            )
+            kwargs[ROUTING_KWARG] = context
+        # The authors add the router losses to the loss only when training: in evaluation the loss (hence
+        # LLaMA-Factory's eval_loss and eval_perplexity) is the LM loss, and the router losses are reported
+        # beside it.
+        train_router = compute_losses and self.training
         share = 1.0
-        if labels is not None:
+        if train_router:
             share = micro_batch_share(labels, kwargs.get("num_items_in_batch"))
+            num_moe_layers = len(config.moe_layer_indices)
             context.loss_weights = (
                 config.router_aux_loss_coef * share / num_moe_layers,
                 config.lpr_loss_coef * share / num_moe_layers,
             )
             context.loss_scale = LossScale()
-        self._routing_state.context = context
 
         outputs = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
-        records, context.records = context.records, []
-        aux_loss = torch.stack([r.balance_loss for r in records]).mean()
-        lpr_loss = torch.stack([r.lpr_loss for r in records]).mean()
+        records = context.records if context is not None else []
+        aux_loss = lpr_loss = None
+        if compute_losses:
+            aux_loss = torch.stack([r.balance_loss for r in records]).mean()
+            lpr_loss = torch.stack([r.lpr_loss for r in records]).mean()
         loss = lm_loss = outputs.loss
-        if lm_loss is not None:
+        if train_router:
             # The router-loss values are added detached: their gradients were already injected inside
             # the MoE blocks (see moe.py), scaled by whatever reaches this loss through the probe.
             weighted = share * (config.router_aux_loss_coef * aux_loss + config.lpr_loss_coef * lpr_loss)

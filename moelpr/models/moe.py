@@ -4,12 +4,21 @@ Losses are computed inside each MoE block and reach the router through :class:`_
 rather than through router logits collected after the forward pass: under reentrant gradient
 checkpointing the first forward runs without autograd, so logits gathered there carry no graph,
 and only what flows out of a checkpointed layer with its hidden states gets a gradient.
+
+Each forward pass has its own :class:`RoutingContext`. It travels to the decoder layers as a keyword
+argument (:data:`ROUTING_KWARG`), which gradient checkpointing stores with the layer call and passes
+again when it recomputes the layer in backward; a pre-hook on every decoder layer takes it out of the
+keyword arguments and makes it the calling thread's current context while the layer runs. So concurrent
+forward passes (threads, ``nn.DataParallel``) never see each other's masks, and a recomputation sees
+the masks of the pass it recomputes, in whichever thread autograd runs it.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +28,9 @@ from torch import nn
 ROUTER_NAME = "router"
 ORIGINAL_EXPERT_NAME = "original_expert"
 NEW_EXPERTS_NAME = "new_experts"
+
+# Keyword argument carrying the RoutingContext from the causal LM's forward to its decoder layers.
+ROUTING_KWARG = "moe_routing_context"
 
 
 class LossScale:
@@ -67,50 +79,55 @@ class LayerRouting:
     """What one MoE layer reports for one forward pass."""
 
     router_logits: torch.Tensor  # [tokens, num_experts]
-    balance_loss: torch.Tensor
-    lpr_loss: torch.Tensor
+    balance_loss: torch.Tensor | None = None
+    lpr_loss: torch.Tensor | None = None
 
 
 @dataclass
 class RoutingContext:
-    """Per-forward inputs every MoE block needs and the records it leaves.
-
-    It stays in place after the forward pass on purpose: reentrant checkpointing re-runs the blocks
-    during backward and they must see the same masks then.
-    """
+    """Inputs every MoE block of one forward pass needs, and the records the blocks leave."""
 
     token_mask: torch.Tensor | None  # [tokens] bool, False on padding
     lang_mask: torch.Tensor | None  # [tokens] bool, True on old-language tokens
+    compute_losses: bool = False
     loss_weights: tuple[float, float] | None = None  # (balance, lpr) per layer; None: no loss gradient
     loss_scale: LossScale | None = None
     records: list[LayerRouting] = field(default_factory=list)
 
 
-class RoutingState:
-    """One object shared by all MoE blocks of a model, so the model sets the context once per forward."""
+_current = threading.local()
 
-    def __init__(self) -> None:
-        self.context: RoutingContext | None = None
+
+def current_routing_context() -> RoutingContext | None:
+    """The context of the decoder layer running in this thread (``None`` when nothing was asked for)."""
+    return getattr(_current, "context", None)
+
+
+def enter_decoder_layer(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Forward pre-hook (with kwargs) of every decoder layer: the layer's context becomes the thread's."""
+    _current.context = kwargs.pop(ROUTING_KWARG, None)
+    return args, kwargs
+
+
+def exit_decoder_layer(module: nn.Module, args: tuple, output: Any) -> None:
+    _current.context = None
 
 
 def load_balancing_loss(
     router_probs: torch.Tensor, selected_experts: torch.Tensor, token_mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """Switch-Transformer balance loss ``N * sum_i f_i * P_i`` over non-padding tokens.
-
-    ``f_i`` is the share of top-k slots given to expert ``i`` and ``P_i`` its mean router probability;
-    the loss is 1.0 for perfectly even routing and grows as routing concentrates.
-    """
-    num_experts = router_probs.shape[-1]
+    """Switch-Transformer balance loss at the scale of Mixtral's ``load_balancing_loss_func`` (the authors'):
+    ``N * sum_i f_i * P_i`` over non-padding tokens, where ``f_i`` is the number of top-k slots expert ``i``
+    takes per token (summed over the k choices) and ``P_i`` its mean router probability. It equals k for even
+    routing and for a router whose weights are all zero. Masked sums, not boolean indexing, so that it never
+    waits for the device."""
+    num_tokens, num_experts = router_probs.shape
     slots = F.one_hot(selected_experts, num_experts).to(router_probs.dtype).sum(dim=1)  # [T, N]
-    if token_mask is not None:
-        router_probs = router_probs[token_mask]
-        slots = slots[token_mask]
-    if router_probs.shape[0] == 0:
-        return router_probs.sum() * 0.0
-    slot_share = slots.sum(dim=0) / slots.sum()
-    mean_prob = router_probs.mean(dim=0)
-    return num_experts * torch.sum(slot_share * mean_prob)
+    weight = token_mask.to(router_probs.dtype) if token_mask is not None else router_probs.new_ones(num_tokens)
+    count = weight.sum().clamp(min=1.0)
+    slots_per_token = (slots * weight[:, None]).sum(dim=0) / count
+    mean_prob = (router_probs * weight[:, None]).sum(dim=0) / count
+    return num_experts * torch.sum(slots_per_token * mean_prob)
 
 
 def lpr_loss(router_logits: torch.Tensor, old_token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -119,68 +136,120 @@ def lpr_loss(router_logits: torch.Tensor, old_token_mask: torch.Tensor | None) -
     Applied to logits (one softmax), as in the paper's formula; zero when no old-language token is
     present, so new-language-only batches get no LPR term.
     """
-    if old_token_mask is None or not bool(old_token_mask.any()):
-        return router_logits.float().sum() * 0.0
-    logits = router_logits[old_token_mask].float()
-    return F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long))
+    logits = router_logits.float()
+    if old_token_mask is None:
+        return logits.sum() * 0.0
+    weight = old_token_mask.to(logits.dtype)
+    nll = -F.log_softmax(logits, dim=-1)[:, 0]
+    return (nll * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax, top-k, renormalise: ``(router_probs [T, N] float32, weights [T, k], selected [T, k])``.
+
+    With k = 1 renormalising gives a weight of exactly 1 and no gradient, so the LM loss could not teach
+    the router. The weight is then ``p / stop_gradient(p)``: its value is 1, so an upcycled model still
+    computes the dense function, and its gradient is that of the probability (relative to it), so the
+    router learns from the LM loss as in Switch Transformer and the authors' code.
+    """
+    router_probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, selected = torch.topk(router_probs, top_k, dim=-1)
+    if top_k == 1:
+        weights = weights / weights.detach()
+    else:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return router_probs, weights, selected
+
+
+def run_experts(
+    tokens: torch.Tensor, experts: Sequence[nn.Module], weights: torch.Tensor, selected: torch.Tensor, run_idle: bool
+) -> torch.Tensor:
+    """``sum_slots weight * expert(token)`` for every token, experts fed their tokens in one batch each.
+
+    ``run_idle`` also runs experts that got no token (on an empty batch): under DDP each trainable expert
+    must take part in every step on every rank, or the gradient all-reduce waits for it.
+    """
+    top_k = selected.shape[-1]
+    flat_experts = selected.reshape(-1)
+    order = torch.argsort(flat_experts, stable=True)
+    counts = torch.bincount(flat_experts, minlength=len(experts)).tolist()  # the one host sync of the block
+    token_of_slot = order // top_k
+    slot_weights = weights.reshape(-1)[order].to(tokens.dtype)
+    output = torch.zeros_like(tokens)
+    start = 0
+    for expert, count in zip(experts, counts):
+        if count or run_idle:
+            end = start + count
+            token_idx = token_of_slot[start:end]
+            output.index_add_(0, token_idx, expert(tokens[token_idx]) * slot_weights[start:end, None])
+        start += count
+    return output
+
+
+def upcycled_expert_tensors(ffn: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+    """Block-relative names -> tensors of the experts upcycled from one dense FFN (``ffn``: its tensors by
+    name inside the FFN): expert 0 is the FFN itself, the new experts are independent copies."""
+    tensors = {f"{ORIGINAL_EXPERT_NAME}.{name}": tensor for name, tensor in ffn.items()}
+    for j in range(num_experts - 1):
+        tensors.update({f"{NEW_EXPERTS_NAME}.{j}.{name}": tensor.clone() for name, tensor in ffn.items()})
+    return tensors
 
 
 class MoELPRSparseBlock(nn.Module):
     """Upcycled FFN: expert 0 is the original FFN (its own name, so it can be frozen by name),
     experts 1..N-1 start as its copies; a bias-free linear router picks the top-k per token."""
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_experts: int,
-        top_k: int,
-        make_expert: Callable[[], nn.Module],
-        state: RoutingState,
-    ) -> None:
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, make_expert: Callable[[], nn.Module]) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         self.original_expert = make_expert()
         self.new_experts = nn.ModuleList(make_expert() for _ in range(num_experts - 1))
-        # A plain attribute, not a submodule: it holds no weights and must not be saved.
-        self._state = state
 
     def experts(self) -> list[nn.Module]:
         return [self.original_expert, *self.new_experts]
+
+    @staticmethod
+    def upcycled_tensors(ffn: dict[str, torch.Tensor], num_experts: int, router: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The block's tensors (names relative to the block) upcycled from a dense FFN's, with ``router``'s
+        weights; the block then computes what the FFN did, whatever the router says."""
+        return {**upcycled_expert_tensors(ffn, num_experts), f"{ROUTER_NAME}.weight": router}
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, seq_len, hidden_size = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden_size)
         router_logits = self.router(tokens)
-        router_probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
-        weights, selected = torch.topk(router_probs, self.top_k, dim=-1)
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(tokens.dtype)
-
-        output = torch.zeros_like(tokens)
-        for index, expert in enumerate(self.experts()):
-            # Every expert runs, on zero tokens if need be, so that under DDP each expert's
-            # parameters take part in every step on every rank.
-            token_idx, slot_idx = torch.where(selected == index)
-            expert_out = expert(tokens[token_idx]) * weights[token_idx, slot_idx, None]
-            output.index_add_(0, token_idx, expert_out)
+        router_probs, weights, selected = route(router_logits, self.top_k)
+        output = run_experts(tokens, self.experts(), weights, selected, run_idle=self.training)
         output = output.reshape(batch, seq_len, hidden_size)
+        return record_routing(output, router_logits, router_probs, selected)
 
-        context = self._state.context
-        if context is None:
-            return output
-        balance = load_balancing_loss(router_probs, selected, context.token_mask)
-        old_tokens = context.lang_mask
-        if old_tokens is not None and context.token_mask is not None:
-            old_tokens = old_tokens & context.token_mask
-        lpr = lpr_loss(router_logits, old_tokens)
-        context.records.append(LayerRouting(router_logits, balance.detach(), lpr.detach()))
-        if context.loss_weights is not None and torch.is_grad_enabled():
-            balance_weight, lpr_weight = context.loss_weights
-            weighted = balance_weight * balance + lpr_weight * lpr
-            if weighted.requires_grad:
-                output = _AttachLossGradient.apply(output, weighted, context.loss_scale)
+
+def record_routing(
+    output: torch.Tensor, router_logits: torch.Tensor, router_probs: torch.Tensor, selected: torch.Tensor
+) -> torch.Tensor:
+    """Leave the block's routing in the current context and, when training, attach the gradient of its
+    weighted router losses to ``output``. Without a context (no labels, no router logits asked for) this
+    does nothing at all."""
+    context = current_routing_context()
+    if context is None:
         return output
+    if not context.compute_losses:
+        context.records.append(LayerRouting(router_logits))
+        return output
+    balance = load_balancing_loss(router_probs, selected, context.token_mask)
+    old_tokens = context.lang_mask
+    if old_tokens is not None and context.token_mask is not None:
+        old_tokens = old_tokens & context.token_mask
+    lpr = lpr_loss(router_logits, old_tokens)
+    context.records.append(LayerRouting(router_logits, balance.detach(), lpr.detach()))
+    if context.loss_weights is not None and torch.is_grad_enabled():
+        balance_weight, lpr_weight = context.loss_weights
+        weighted = balance_weight * balance + lpr_weight * lpr
+        if weighted.requires_grad:
+            output = _AttachLossGradient.apply(output, weighted, context.loss_scale)
+    return output
 
 
 def probe_loss_scale(loss: torch.Tensor, scale: LossScale) -> torch.Tensor:
@@ -196,15 +265,15 @@ def routing_stats(
 ) -> dict[str, float]:
     """Routing summary averaged over MoE layers, for training logs.
 
-    ``expert_share_{i}``: share of top-k routing slots taken by expert ``i`` (non-padding tokens).
-    ``old_lang_expert0_top1_share``: share of old-language tokens whose top-1 expert is expert 0
-    (absent when the batch has no old-language token).
+    ``expert_share_{i}``: share of top-k routing slots taken by expert ``i`` (non-padding tokens; layers with
+    fewer experts count 0 for the experts they lack). ``old_lang_expert0_top1_share``: share of old-language
+    tokens whose top-1 expert is expert 0 (absent when the batch has no old-language token).
     """
     if not router_logits:
         return {}
-    num_experts = router_logits[0].shape[-1]
-    flat_token = token_mask.reshape(-1).bool() if token_mask is not None else None
-    flat_old = lang_mask.reshape(-1).bool() if lang_mask is not None else None
+    num_experts = max(logits.shape[-1] for logits in router_logits)
+    flat_token = token_mask.reshape(-1).bool().cpu() if token_mask is not None else None
+    flat_old = lang_mask.reshape(-1).bool().cpu() if lang_mask is not None else None
     if flat_old is not None and flat_token is not None:
         flat_old = flat_old & flat_token
     shares = torch.zeros(num_experts)
@@ -212,10 +281,10 @@ def routing_stats(
     for logits in router_logits:
         logits = logits.detach().float().cpu()
         selected = torch.topk(logits, top_k, dim=-1).indices
-        counted = selected if flat_token is None else selected[flat_token.cpu()]
+        counted = selected if flat_token is None else selected[flat_token]
         shares += torch.bincount(counted.reshape(-1), minlength=num_experts).float() / max(counted.numel(), 1)
         if flat_old is not None and bool(flat_old.any()):
-            expert0_shares.append((logits[flat_old.cpu()].argmax(dim=-1) == 0).float().mean().item())
+            expert0_shares.append((logits[flat_old].argmax(dim=-1) == 0).float().mean().item())
     stats = {f"expert_share_{i}": (shares[i] / len(router_logits)).item() for i in range(num_experts)}
     if expert0_shares:
         stats["old_lang_expert0_top1_share"] = sum(expert0_shares) / len(expert0_shares)
