@@ -211,10 +211,13 @@ class MoELPRSparseBlock(nn.Module):
         return [self.original_expert, *self.new_experts]
 
     @staticmethod
-    def upcycled_tensors(ffn: dict[str, torch.Tensor], num_experts: int, router: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The block's tensors (names relative to the block) upcycled from a dense FFN's, with ``router``'s
-        weights; the block then computes what the FFN did, whatever the router says."""
-        return {**upcycled_expert_tensors(ffn, num_experts), f"{ROUTER_NAME}.weight": router}
+    def upcycled_tensors(
+        ffn: dict[str, torch.Tensor], num_experts: int, random_rows: Callable[[int], torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The block's tensors (names relative to the block) upcycled from a dense FFN's; ``random_rows(n)`` gives
+        the router's initial ``[n, hidden]`` weights. The block then computes what the FFN did, whatever the
+        router says."""
+        return {**upcycled_expert_tensors(ffn, num_experts), f"{ROUTER_NAME}.weight": random_rows(num_experts)}
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, seq_len, hidden_size = hidden_states.shape
