@@ -69,8 +69,13 @@ class MoELPRForCausalLMMixin:
         # Again, now that the MoE blocks exist: initialise their weights and register them.
         self.post_init()
 
+    @classmethod
+    def moe_block_class(cls, config) -> type[MoELPRSparseBlock]:
+        """The MoE block class of ``config``'s method (the upcycler asks it for the block's tensors)."""
+        return MoELPRSparseBlock
+
     def make_moe_block(self, config, layer_idx: int) -> nn.Module:
-        return MoELPRSparseBlock(
+        return self.moe_block_class(config)(
             hidden_size=config.hidden_size,
             num_experts=config.num_experts_of(layer_idx),
             top_k=config.num_experts_per_tok,
