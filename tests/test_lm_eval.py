@@ -82,8 +82,8 @@ def task_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module", params=list(EVALUATED))
-def lm_eval_run(request, stage_outputs, task_dir, tmp_path_factory) -> tuple[dict, dict[str, list[dict]]]:
-    """lm-eval's aggregated results and its per-document samples, by task, for one evaluated checkpoint."""
+def lm_eval_run(request, stage_outputs, task_dir, tmp_path_factory) -> tuple[dict, list[dict]]:
+    """lm-eval's results and its per-document multiple-choice samples for one evaluated checkpoint."""
     assert LM_EVAL, "lm_eval is not installed: pip install -r requirements.txt"
     model_dir = EVALUATED[request.param](stage_outputs)
     out = tmp_path_factory.mktemp("lm_eval_out")
@@ -102,11 +102,8 @@ def lm_eval_run(request, stage_outputs, task_dir, tmp_path_factory) -> tuple[dic
     run = subprocess.run(command, check=False, capture_output=True, text=True, env={**os.environ, **offline})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     (results_file,) = out.glob("*/results_*.json")
-    samples = {
-        task: [json.loads(line) for line in next(out.glob(f"*/samples_{task}_*.jsonl")).read_text().splitlines()]
-        for task in (PERPLEXITY_TASK, CHOICE_TASK)
-    }
-    return json.loads(results_file.read_text())["results"], samples
+    (choice_samples,) = out.glob(f"*/samples_{CHOICE_TASK}_*.jsonl")
+    return json.loads(results_file.read_text())["results"], [json.loads(line) for line in choice_samples.open()]
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +143,7 @@ def test_lm_eval_perplexity_is_the_models_own(lm_eval_run, native_stage2):
 def test_lm_eval_multiple_choice_scores_the_models_log_likelihoods(lm_eval_run, native_stage2):
     results, samples = lm_eval_run
     model, tokenizer = native_stage2
-    scored = sorted(samples[CHOICE_TASK], key=lambda sample: sample["doc_id"])
+    scored = sorted(samples, key=lambda sample: sample["doc_id"])
     assert [sample["doc"] for sample in scored] == CHOICE_DOCS
     correct = correct_normalised = 0
     for sample, doc in zip(scored, CHOICE_DOCS):
