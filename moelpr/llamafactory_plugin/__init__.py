@@ -5,7 +5,7 @@ classes at the narrowest points that see what MoE-LPR needs (listed in :func:`_p
 patch targets one LLaMA-Factory release series; :func:`apply` refuses any other version instead of
 patching code it has not been checked against.
 
-The ``moelpr-llamafactory.pth`` startup hook installed with the package calls :func:`apply` as soon as
+The ``moelpr-startup.pth`` startup hook installed with the package calls :func:`apply` as soon as
 ``llamafactory.train.tuner`` is imported, so the plain ``llamafactory-cli`` (and the ``torchrun``
 workers it launches) pick the plugin up without a wrapper command.
 """
