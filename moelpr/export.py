@@ -147,16 +147,13 @@ def _llama_refusal(config: Any) -> str | None:
 
 def _qwen2_refusal(config: Any) -> str | None:
     if config.use_sliding_window or "sliding_attention" in (config.layer_types or []):
-        return (
-            "it uses sliding-window attention, which Qwen2-MoE in vLLM and llama.cpp ignores and transformers "
-            "puts on other layers"
-        )
+        return "it uses sliding-window attention, which vLLM's and llama.cpp's Qwen2-MoE do not implement"
     return None
 
 
 @dataclass(frozen=True)
-class DenseFamily:
-    """What the export needs to know of a dense family: its formats and what they cannot hold."""
+class ExportFamily:
+    """What the export needs to know of a dense family: the formats that hold it and what they cannot hold."""
 
     formats: tuple[str, ...]  # the first is the default
     qkv_bias: bool  # its q/k/v projections have biases
@@ -165,9 +162,9 @@ class DenseFamily:
 
 
 # Dense model_type -> how its MoE-LPR checkpoints export.
-FAMILIES: dict[str, DenseFamily] = {
-    "llama": DenseFamily(formats=("mixtral", "qwen2_moe"), qkv_bias=False, refusal=_llama_refusal),
-    "qwen2": DenseFamily(
+EXPORT_FAMILIES: dict[str, ExportFamily] = {
+    "llama": ExportFamily(formats=("mixtral", "qwen2_moe"), qkv_bias=False, refusal=_llama_refusal),
+    "qwen2": ExportFamily(
         formats=("qwen2_moe",),
         qkv_bias=True,
         refusal=_qwen2_refusal,
@@ -214,7 +211,7 @@ class ExportPlan:
 
     model_path: Path
     config: Any  # the source's MoE-LPR config
-    family: DenseFamily
+    family: ExportFamily
     format: MoEFormat
     num_experts: int
     dense_layers: list[int]
@@ -234,7 +231,7 @@ def _uniform_expert_count(config: Any) -> int:
     return counts[0]
 
 
-def _setting_refusal(config: Any, family: DenseFamily, moe_format: MoEFormat) -> str | None:
+def _setting_refusal(config: Any, family: ExportFamily, moe_format: MoEFormat) -> str | None:
     """Why ``moe_format`` would compute something else than ``config``'s model, or None."""
     if getattr(config, "quantization_config", None):
         return "it is quantized; export the full-precision checkpoint"
@@ -261,9 +258,9 @@ def plan_export(model_path: str | os.PathLike, format_name: str | None = None) -
     if model_type not in families:
         raise ExportError(f"{model_path} is not an MoE-LPR checkpoint (model_type {model_type!r})")
     dense_type = families[model_type]
-    if dense_type not in FAMILIES:
+    if dense_type not in EXPORT_FAMILIES:
         raise ExportError(f"{model_type} has no standard MoE format to export to")
-    family = FAMILIES[dense_type]
+    family = EXPORT_FAMILIES[dense_type]
     format_name = format_name or family.formats[0]
     if format_name not in family.formats:
         reason = family.not_exportable_as.get(format_name, f"{model_type} exports as {', '.join(family.formats)}")
