@@ -82,9 +82,9 @@ class MoEFormat:
     moe_config: Callable[[Any, int, list[int]], dict[str, Any]]  # (source config, experts, dense layers) -> fields
 
     def config_class(self) -> type:
-        from transformers import AutoConfig
+        from transformers import CONFIG_MAPPING
 
-        return type(AutoConfig.for_model(self.model_type))
+        return CONFIG_MAPPING[self.model_type]
 
 
 def _head_dim(config: Any) -> int:
@@ -212,13 +212,13 @@ class ExportPlan:
     model_path: Path
     config: Any  # the source's MoE-LPR config
     family: ExportFamily
-    format: MoEFormat
+    target: MoEFormat
     num_experts: int
     dense_layers: list[int]
 
     @property
     def zero_qkv_biases(self) -> bool:
-        return self.format.qkv_bias and not self.family.qkv_bias
+        return self.target.qkv_bias and not self.family.qkv_bias
 
 
 def _uniform_expert_count(config: Any) -> int:
@@ -285,9 +285,9 @@ def target_config(plan: ExportPlan) -> dict[str, Any]:
     (``rope_theta``, ``rope_scaling``, ``torch_dtype``) that engines built on older transformers read."""
     source = plan.config
     fields = {name: getattr(source, name) for name in SHARED_CONFIG_FIELDS}
-    fields.update(plan.format.moe_config(source, plan.num_experts, plan.dense_layers))
-    config = plan.format.config_class()(**fields, dtype=source.dtype)
-    config.architectures = [plan.format.architecture]
+    fields.update(plan.target.moe_config(source, plan.num_experts, plan.dense_layers))
+    config = plan.target.config_class()(**fields, dtype=source.dtype)
+    config.architectures = [plan.target.architecture]
     content = json.loads(config.to_json_string())
     rope = dict(content["rope_parameters"])
     content["rope_theta"] = rope.pop("rope_theta")
@@ -304,7 +304,7 @@ def _target_names(plan: ExportPlan, name: str) -> list[tuple[str, str | None]]:
     if match is None:
         return [(name, None)]
     layer, rest = int(match.group(1)), match.group(2)
-    fmt = plan.format
+    fmt = plan.target
     block = f"model.layers.{layer}.{fmt.block}"
     if rest == ROUTER_NAME:
         return [(f"{block}.{fmt.router}.weight", None)]
@@ -334,12 +334,12 @@ def _added_tensors(plan: ExportPlan, name: str, tensor: torch.Tensor) -> Iterato
     if match is None:
         return
     layer, rest = int(match.group(1)), match.group(2)
-    block = f"model.layers.{layer}.{plan.format.block}"
+    block = f"model.layers.{layer}.{plan.target.block}"
     hidden = plan.config.hidden_size
-    if rest == "gate_proj" and not plan.format.dense_layers_as_mlp:
+    if rest == "gate_proj" and not plan.target.dense_layers_as_mlp:
         # Equal experts compute the dense FFN whatever the router says (the top-k weights sum to one).
-        yield f"{block}.{plan.format.router}.weight", tensor.new_zeros(plan.num_experts, hidden)
-    if rest == ROUTER_NAME and plan.format.name == "qwen2_moe":
+        yield f"{block}.{plan.target.router}.weight", tensor.new_zeros(plan.num_experts, hidden)
+    if rest == ROUTER_NAME and plan.target.name == "qwen2_moe":
         shared = f"{block}.shared_expert"
         yield f"{shared}.gate_proj.weight", tensor.new_zeros(ZERO_SHARED_EXPERT_SIZE, hidden)
         yield f"{shared}.up_proj.weight", tensor.new_zeros(ZERO_SHARED_EXPERT_SIZE, hidden)
@@ -417,7 +417,7 @@ def write_export(plan: ExportPlan, output_path: str | os.PathLike, max_shard_siz
         with staged_directory(output_path) as staging:
             writer = ShardedWriter(staging, max_shard_bytes)
             tensors = export_tensors(plan, reader)
-            for name, tensor in tqdm(tensors, desc=f"exporting to {plan.format.name}", unit="tensor", disable=None):
+            for name, tensor in tqdm(tensors, desc=f"exporting to {plan.target.name}", unit="tensor", disable=None):
                 writer.add(name, tensor)
             writer.finish()
             (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -429,10 +429,10 @@ def write_export(plan: ExportPlan, output_path: str | os.PathLike, max_shard_siz
 def describe(plan: ExportPlan) -> str:
     """What the export holds, for the command's output."""
     text = (
-        f"{plan.format.architecture}: {plan.config.num_hidden_layers} layers, {plan.num_experts} experts, "
+        f"{plan.target.architecture}: {plan.config.num_hidden_layers} layers, {plan.num_experts} experts, "
         f"top-{plan.config.num_experts_per_tok}"
     )
-    if plan.dense_layers and not plan.format.dense_layers_as_mlp:
+    if plan.dense_layers and not plan.target.dense_layers_as_mlp:
         text += (
             f"; dense layers {plan.dense_layers} are stored as {plan.num_experts} equal experts each "
             f"({plan.num_experts}x their FFN weights; each token runs {plan.config.num_experts_per_tok} of them)"
