@@ -79,6 +79,7 @@ class MoEFormat:
     qkv_bias: bool  # its attention has q/k/v biases (written as zeros for a family without them)
     head_dim_from_hidden: bool  # engines take the head size to be hidden_size / num_attention_heads
     dense_layers_as_mlp: bool  # True: dense layers stay plain MLPs; False: N equal experts under a zero router
+    zero_shared_expert: bool  # every MoE layer has a gated shared expert, written with all-zero weights
     moe_config: Callable[[Any, int, list[int]], dict[str, Any]]  # (source config, experts, dense layers) -> fields
 
     def config_class(self) -> type:
@@ -120,6 +121,7 @@ FORMATS: dict[str, MoEFormat] = {
         qkv_bias=False,
         head_dim_from_hidden=False,
         dense_layers_as_mlp=False,
+        zero_shared_expert=False,
         moe_config=_mixtral_config,
     ),
     "qwen2_moe": MoEFormat(
@@ -132,6 +134,7 @@ FORMATS: dict[str, MoEFormat] = {
         qkv_bias=True,
         head_dim_from_hidden=True,
         dense_layers_as_mlp=True,
+        zero_shared_expert=True,
         moe_config=_qwen2_moe_config,
     ),
 }
@@ -297,21 +300,20 @@ def target_config(plan: ExportPlan) -> dict[str, Any]:
     return content
 
 
-def _target_names(plan: ExportPlan, name: str) -> list[tuple[str, str | None]]:
-    """Names in the export of the source tensor ``name``, each with the FFN tensor it is a copy of (None:
-    the tensor itself)."""
+def _target_names(plan: ExportPlan, name: str) -> list[str]:
+    """Names of the source tensor ``name`` in the export (several for a dense layer stored as experts)."""
     match = _FFN_NAME.fullmatch(name)
     if match is None:
-        return [(name, None)]
+        return [name]
     layer, rest = int(match.group(1)), match.group(2)
     fmt = plan.target
     block = f"model.layers.{layer}.{fmt.block}"
     if rest == ROUTER_NAME:
-        return [(f"{block}.{fmt.router}.weight", None)]
+        return [f"{block}.{fmt.router}.weight"]
     if rest in FFN_TENSORS:  # a dense layer
         if fmt.dense_layers_as_mlp:
-            return [(name, None)]
-        return [(f"{block}.experts.{j}.{fmt.expert_tensors[rest]}.weight", rest) for j in range(plan.num_experts)]
+            return [name]
+        return [f"{block}.experts.{j}.{fmt.expert_tensors[rest]}.weight" for j in range(plan.num_experts)]
     expert, _, tensor = rest.rpartition(".")
     if expert == ORIGINAL_EXPERT_NAME:
         index = 0
@@ -321,7 +323,7 @@ def _target_names(plan: ExportPlan, name: str) -> list[tuple[str, str | None]]:
         index = None
     if index is None or tensor not in FFN_TENSORS:
         raise ExportError(f"{plan.model_path} holds a tensor the export does not know: {name}")
-    return [(f"{block}.experts.{index}.{fmt.expert_tensors[tensor]}.weight", None)]
+    return [f"{block}.experts.{index}.{fmt.expert_tensors[tensor]}.weight"]
 
 
 def _added_tensors(plan: ExportPlan, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
@@ -339,7 +341,7 @@ def _added_tensors(plan: ExportPlan, name: str, tensor: torch.Tensor) -> Iterato
     if rest == "gate_proj" and not plan.target.dense_layers_as_mlp:
         # Equal experts compute the dense FFN whatever the router says (the top-k weights sum to one).
         yield f"{block}.{plan.target.router}.weight", tensor.new_zeros(plan.num_experts, hidden)
-    if rest == ROUTER_NAME and plan.target.name == "qwen2_moe":
+    if rest == ROUTER_NAME and plan.target.zero_shared_expert:
         shared = f"{block}.shared_expert"
         yield f"{shared}.gate_proj.weight", tensor.new_zeros(ZERO_SHARED_EXPERT_SIZE, hidden)
         yield f"{shared}.up_proj.weight", tensor.new_zeros(ZERO_SHARED_EXPERT_SIZE, hidden)
@@ -384,8 +386,10 @@ def export_tensors(plan: ExportPlan, reader: CheckpointReader) -> Iterator[tuple
         tensor = reader.get(name)
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        for target, copy_of in _target_names(plan, name):
-            yield target, tensor.clone() if copy_of is not None else tensor
+        targets = _target_names(plan, name)
+        for target in targets:
+            # Copies get their own memory: safetensors refuses tensors that share storage.
+            yield target, tensor.clone() if len(targets) > 1 else tensor
         yield from _added_tensors(plan, name, tensor)
 
 
