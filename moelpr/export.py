@@ -29,7 +29,6 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint_io import (
-    DEFAULT_MAX_SHARD_BYTES,
     CheckpointError,
     CheckpointReader,
     ShardedWriter,
@@ -397,7 +396,7 @@ def export(
     model_path: str | os.PathLike,
     output_path: str | os.PathLike,
     format_name: str | None = None,
-    max_shard_size: str | int = DEFAULT_MAX_SHARD_BYTES,
+    max_shard_size: str | int = "5GB",
 ) -> Path:
     """Write the standard MoE checkpoint of the MoE-LPR model at ``model_path`` (weights, config, tokenizer,
     chat template, generation config) to ``output_path``; refuses with :class:`ExportError` before writing
