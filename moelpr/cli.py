@@ -9,6 +9,7 @@ import sys
 # heavy imports (torch, transformers) should not slow down ``moelpr --help``.
 SUBCOMMANDS = {
     "upcycle": ("moelpr.upcycling", "upcycle a dense checkpoint into an MoE-LPR model"),
+    "expand": ("moelpr.llama_pro", "LLaMA-Pro block expansion of a dense checkpoint (identity-initialised blocks)"),
     "eval": ("moelpr.evaluation.cli", "per-language perplexity and routing report of one or more models"),
     "corpora": ("moelpr.corpora.cli", "build the demo corpora from Debian's LibreOffice help and fortunes"),
 }
