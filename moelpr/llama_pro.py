@@ -177,7 +177,8 @@ def expand(
         layers = _layer_tensors(reader, family, num_layers)
         other_names = [name for name in reader.names() if not name.startswith(family.layers_prefix)]
         total = sum(len(layers[source]) for source, _ in plan) + len(other_names)
-        with staged_directory(output_path) as staging, tqdm(total=total, desc="expanding", unit="tensor", disable=None) as bar:
+        progress = tqdm(total=total, desc="expanding", unit="tensor", disable=None)
+        with staged_directory(output_path) as staging, progress as bar:
             writer = ShardedWriter(staging, max_shard_bytes)
             for target, (source, new) in enumerate(plan):
                 for suffix in layers[source]:

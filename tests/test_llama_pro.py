@@ -142,6 +142,8 @@ def test_large_models_are_written_in_shards(tiny_llama_dir, tmp_path):
         ("missing path", ["--model_path", "{missing}"], "is not a model directory"),
         ("no tokenizer", ["--model_path", "{no_tokenizer}"], "has no tokenizer files"),
         ("no weights", ["--model_path", "{no_weights}"], "has no model.safetensors"),
+        ("weights disagree", ["--model_path", "{six_layers}"], "the weights hold layers 0..3 (4 in all), but "
+                                                               "config.json says num_hidden_layers = 6"),
         ("output exists", ["--output_path", "{dense}"], "already exists and is not empty"),
         ("already upcycled", ["--model_path", "{upcycled}"], "is an upcycled MoE-LPR model (llama_moelpr)"),
     ],
@@ -156,6 +158,10 @@ def test_bad_requests_get_one_clear_line_and_write_nothing(
         for file in ["config.json", *files]:
             shutil.copy(tiny_llama_dir / file, paths[name] / file)
     (paths["gpt2"] / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    paths["six_layers"] = tmp_path / "six_layers"
+    shutil.copytree(tiny_llama_dir, paths["six_layers"])
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    (paths["six_layers"] / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 6}))
     argv = {"--model_path": str(tiny_llama_dir), "--output_path": str(tmp_path / "out"), "--num_expand": "2"}
     for key, value in zip(args[::2], args[1::2]):
         argv[key] = value.format(**paths)
