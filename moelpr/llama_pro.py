@@ -202,6 +202,7 @@ def expand(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="moelpr expand",
         description="LLaMA-Pro block expansion: insert N identity-initialised copies of decoder blocks, one after "
         "each group of L/N layers, for LLaMA-Factory's `use_llama_pro` freeze training."
     )
