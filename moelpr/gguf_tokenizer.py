@@ -102,8 +102,9 @@ def build_spm_tokenizer(vocab: SpmVocab):
         byte_fallback=True,
     )
     backend = Tokenizer(model)
-    # Metaspace without splitting turns spaces into "▁" and, like llama.cpp's add_space_prefix, puts one in
-    # front of the text only at its start (never after a special token's segment, "first").
+    # Metaspace without splitting turns spaces into "▁"; with add_space_prefix it puts one "▁" in front of the
+    # text, SentencePiece's dummy prefix. (llama.cpp also puts one after every special or user-defined piece and
+    # before text that already starts with a space; Gemma has no prefix, where the two agree.)
     backend.pre_tokenizer = pre_tokenizers.Metaspace(
         replacement=SPACE, prepend_scheme="first" if vocab.add_space_prefix else "never", split=False
     )

@@ -71,6 +71,28 @@ def spm_reference_ids(text: str, vocab) -> list[int]:
     return result
 
 
+def test_spm_tokenizer_with_space_prefix_merges_by_score():
+    from moelpr.gguf_tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, SpmVocab, build_spm_tokenizer
+
+    # A LLaMA-2-style vocabulary (one "▁" before the text, <s> first): "lo" outranks "ll", so "hello" must not
+    # become "▁he" "ll" "o"; "ö" and "ж" are outside the vocabulary.
+    scores = {"▁": -9, "h": -9, "e": -9, "l": -9, "o": -9, "w": -9, "r": -9, "d": -9, "lo": -1, "ll": -2,
+              "he": -3, "▁he": -4, "▁w": -5, "or": -6, "▁wor": -7, "▁h": -8}
+    entries = [("<unk>", UNKNOWN), ("<s>", CONTROL), ("</s>", CONTROL)]
+    entries += [(f"<0x{b:02X}>", BYTE) for b in range(256)] + [(piece, NORMAL) for piece in scores]
+    vocab = SpmVocab(
+        tokens=[t for t, _ in entries], scores=[scores.get(t, 0.0) for t, _ in entries],
+        token_types=[kind for _, kind in entries], bos_id=1, eos_id=2, unk_id=0, pad_id=None,
+        add_bos=True, add_eos=False, add_space_prefix=True,
+    )
+    tokenizer = build_spm_tokenizer(vocab)
+    assert tokenizer.tokenize("hello") == ["▁he", "l", "lo"]
+    for text in ("hello world", "hello  world", "wörld", "hellllo ж"):
+        ids = tokenizer(text)["input_ids"]
+        assert ids == [1] + spm_reference_ids(" " + text, vocab), text
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
 def test_gemma3_tokenizer_merges_like_sentencepiece(gemma3_dense_dir):
     from gguf import GGUFReader
     from transformers import AutoTokenizer
