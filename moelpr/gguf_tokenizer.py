@@ -18,7 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 # llama.cpp's token types (gguf.TokenType).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -84,7 +87,7 @@ def score_ranked_merges(vocab: SpmVocab) -> list[tuple[str, str]]:
     return [(left, right) for _, left, right in ranked]
 
 
-def build_spm_tokenizer(vocab: SpmVocab):
+def build_spm_tokenizer(vocab: SpmVocab) -> PreTrainedTokenizerFast:
     """A ``transformers`` fast tokenizer that tokenizes like llama.cpp does with ``vocab``."""
     from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
