@@ -149,7 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moelpr.gguf_convert", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
-        "--model", choices=sorted(PACKAGED_MODELS), default="smollm2", help="a GGUF shipped by a PyPI package (default: smollm2)"
+        "--model",
+        choices=sorted(PACKAGED_MODELS),
+        default="smollm2",
+        help="a GGUF shipped by a PyPI package (default: smollm2)",
     )
     source.add_argument("--gguf", type=Path, default=None, help="any other GGUF file")
     parser.add_argument("--output_dir", type=Path, required=True)

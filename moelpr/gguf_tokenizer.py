@@ -119,9 +119,8 @@ def build_spm_tokenizer(vocab: SpmVocab) -> PreTrainedTokenizerFast:
     # stored as spaces, not "▁"); control pieces only when special tokens are parsed, as transformers does.
     pieces = list(zip(vocab.tokens, vocab.token_types))
     backend.add_tokens([AddedToken(piece, normalized=False) for piece, kind in pieces if kind == USER_DEFINED])
-    backend.add_special_tokens(
-        [AddedToken(piece, special=True, normalized=False) for piece, kind in pieces if kind in (CONTROL, UNKNOWN, UNUSED)]
-    )
+    special = [piece for piece, kind in pieces if kind in (CONTROL, UNKNOWN, UNUSED)]
+    backend.add_special_tokens([AddedToken(piece, special=True, normalized=False) for piece in special])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=token(vocab.bos_id),

@@ -163,9 +163,11 @@ def test_gemma3_continues_and_predicts_english(gemma3_dense_dir, tmp_path):
     model, tokenizer = load_model(gemma3_dense_dir, torch.float32)
     # A 270M base model: greedy "The capital of France is" goes on " the capital of the country of France."
     # (" Paris" third, p = 0.08), so ask in ways it answers.
-    for prompt, answer in (("The Eiffel Tower is located in the city of", " Paris"), ("Paris is the capital of", " France")):
+    questions = (("The Eiffel Tower is located in the city of", " Paris"), ("Paris is the capital of", " France"))
+    for prompt, answer in questions:
         ids = tokenizer(prompt, return_tensors="pt")
-        completion = tokenizer.decode(model.generate(**ids, max_new_tokens=4, do_sample=False)[0, ids.input_ids.shape[1] :])
+        generated = model.generate(**ids, max_new_tokens=4, do_sample=False)[0, ids.input_ids.shape[1] :]
+        completion = tokenizer.decode(generated)
         assert completion.startswith(answer), (prompt, completion)
 
     # Held-out English: Debian's science fortunes (the demo's general English), packed as LLaMA-Factory packs
