@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..tokenization import restore_add_bos_token
 from .perplexity import LanguageResult, evaluate_language, token_blocks
 from .plots import loss_curves, routing_heatmap
 
@@ -37,6 +38,7 @@ def load_model(path: Path, dtype: torch.dtype):
     import moelpr  # noqa: F401
 
     tokenizer = AutoTokenizer.from_pretrained(path)
+    restore_add_bos_token(tokenizer)  # token_blocks starts blocks with bos as LLaMA-Factory does
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
     return model, tokenizer
