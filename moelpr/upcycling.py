@@ -262,24 +262,26 @@ def plan_upcycling(reader: CheckpointReader, config, model_class: type) -> list[
     return steps
 
 
+def _step_tensors(reader: CheckpointReader, step: _Step, config, block_class: type, seed: int) -> dict[str, torch.Tensor]:
+    if step.layer is None:
+        return {step.outputs[0].name: reader.get(step.inputs[0])}
+    ffn = {name.removeprefix(step.prefix): reader.get(name) for name in step.inputs}
+    dtype = next(iter(ffn.values())).dtype
+    rows = router_rows(seed, step.layer, config.hidden_size, config.initializer_range, dtype)
+    block = block_class.upcycled_tensors(ffn, config.num_experts_of(step.layer), rows)
+    return {step.prefix + name: tensor for name, tensor in block.items()}
+
+
 def write_upcycled(reader: CheckpointReader, steps: list[_Step], writer: ShardedWriter, config, block_class: type,
                    seed: int) -> None:
     """Make and write the planned tensors, one step (one tensor, or one layer's block) in memory at a time."""
     with tqdm(total=sum(len(step.outputs) for step in steps), desc="upcycling", unit="tensor", disable=None) as bar:
         for step in steps:
-            if step.layer is None:
-                tensors = {step.outputs[0].name: reader.get(step.inputs[0])}
-            else:
-                ffn = {name.removeprefix(step.prefix): reader.get(name) for name in step.inputs}
-                dtype = next(iter(ffn.values())).dtype
-                rows = router_rows(seed, step.layer, config.hidden_size, config.initializer_range, dtype)
-                block = block_class.upcycled_tensors(ffn, config.num_experts_of(step.layer), rows)
-                tensors = {step.prefix + name: tensor for name, tensor in block.items()}
-                del ffn, block
-            for name, tensor in tensors.items():
-                writer.write(name, tensor)
+            tensors = _step_tensors(reader, step, config, block_class, seed)
+            while tensors:  # popped as written, so that no reference outlives the step
+                name = next(iter(tensors))
+                writer.write(name, tensors.pop(name))
                 bar.update()
-            del tensors
 
 
 def upcycle(
