@@ -9,8 +9,8 @@ written down in benchmarks/README.md.
 
 The upcycling runs in a fresh Python process (Linux). Its baseline is the RSS once the upcycling module and the
 transformers classes it uses are imported ("bare imports"), where the peak RSS is reset; its peak is the peak RSS
-(``ru_maxrss``) when the upcycling is done. ``--module_file`` measures another version of the upcycler: any Python file whose
-``main(argv)`` takes the ``moelpr upcycle`` arguments.
+(``ru_maxrss``) when the upcycling is done. ``--module_file`` measures another version of the upcycler: any Python
+file whose ``main(argv)`` takes the ``moelpr upcycle`` arguments.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ def layer_bytes(model_dir: Path, layer: int = 0) -> int:
         return sum(reader.spec(name).nbytes for name in reader.names() if name.startswith(f"model.layers.{layer}."))
 
 
-def measure_upcycle(model_path: Path, output_path: Path, upcycle_args: list[str], module_file: Path | None = None) -> dict:
+def measure_upcycle(
+    model_path: Path, output_path: Path, upcycle_args: list[str], module_file: Path | None = None
+) -> dict:
     """Upcycle ``model_path`` into ``output_path`` in a fresh process; its memory and what it wrote, in bytes."""
     argv = ["--model_path", str(model_path), "--output_path", str(output_path), *upcycle_args]
     run = subprocess.run(
@@ -92,7 +94,7 @@ def measure_upcycle(model_path: Path, output_path: Path, upcycle_args: list[str]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", type=Path, help="dense checkpoint to upcycle")
-    parser.add_argument("--random_model", type=Path, help="make a random LLaMA here first (sizes below), then measure it")
+    parser.add_argument("--random_model", type=Path, help="make a random LLaMA here first (sizes below), measure it")
     parser.add_argument("--hidden_size", type=int, default=2048)
     parser.add_argument("--intermediate_size", type=int, default=5632)
     parser.add_argument("--num_layers", type=int, default=22)
@@ -101,7 +103,7 @@ def main() -> None:
     parser.add_argument("--vocab_size", type=int, default=32000)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--module_file", type=Path, help="another upcycler's source file (e.g. an older version)")
-    parser.add_argument("--output_path", type=Path, help="where the MoE checkpoint goes (default: a temporary directory)")
+    parser.add_argument("--output_path", type=Path, help="where the MoE checkpoint goes (default: a temporary dir)")
     args, upcycle_args = parser.parse_known_args()
     if args.random_model:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

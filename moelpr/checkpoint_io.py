@@ -61,7 +61,8 @@ def parse_size(size: str | int) -> int:
         value = size
     else:
         text = size.strip().upper()
-        for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        units = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
+        for unit, factor in units:
             if text.endswith(unit):
                 number = text.removesuffix(unit).strip()
                 break
@@ -129,8 +130,9 @@ class CheckpointReader:
             weight_map, shard_names = {}, [SAFE_WEIGHTS_NAME]
         elif any((self.model_dir / name).is_file() for name in PYTORCH_WEIGHTS_NAMES):
             raise CheckpointError(
-                f"{self.model_dir} holds PyTorch .bin weights; only safetensors checkpoints are read one tensor at a "
-                "time. Convert it first: load it with from_pretrained and save_pretrained it (safetensors is the default)"
+                f"{self.model_dir} holds PyTorch .bin weights; only safetensors checkpoints are read one tensor at "
+                "a time. Convert it first: load it with from_pretrained and save_pretrained it (safetensors is the "
+                "default)"
             )
         else:
             raise CheckpointError(f"{self.model_dir} has no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}")
@@ -239,9 +241,9 @@ class ShardedWriter:
         self.directory = Path(directory)
         self.shards = plan_shards(layout, max_shard_bytes)
         count = len(self.shards)
-        self.file_names = (
-            [SAFE_WEIGHTS_NAME] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-        )
+        self.file_names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        if count == 1:
+            self.file_names = [SAFE_WEIGHTS_NAME]
         self.largest_shard_bytes = max(sum(spec.nbytes for spec in shard) for shard in self.shards)
         self.total_bytes = sum(spec.nbytes for spec in layout)
         self._pending = [(shard_idx, spec) for shard_idx, shard in enumerate(self.shards) for spec in shard][::-1]
@@ -268,7 +270,8 @@ class ShardedWriter:
     def finish(self) -> list[Path]:
         """Check that every tensor was written and write the index of a sharded checkpoint; returns the shards."""
         if self._pending:
-            raise ValueError(f"{len(self._pending)} tensors of the layout were never written, from {self._pending[-1][1].name}")
+            first = self._pending[-1][1].name
+            raise ValueError(f"{len(self._pending)} tensors of the layout were never written, from {first}")
         if len(self.shards) > 1:
             weight_map = {spec.name: file for shard, file in zip(self.shards, self.file_names) for spec in shard}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}

@@ -85,7 +85,8 @@ def parse_expert_counts(spec: str, num_layers: int) -> dict[int, int]:
             ) from None
         if not 0 <= start <= end < num_layers:
             raise UpcyclingError(
-                f"--num_experts {spec!r}: {part.strip()!r} names layers outside 0..{num_layers - 1} (or an empty range)."
+                f"--num_experts {spec!r}: {part.strip()!r} names layers outside 0..{num_layers - 1} "
+                "(or an empty range)."
             )
         if count < 2:
             raise UpcyclingError(
@@ -156,7 +157,7 @@ def _check_paths(model_path: Path, output_path: Path) -> str:
 
 
 @dataclass
-class _Step:
+class UpcyclingStep:
     """Output tensors made from some dense tensors: a copy (``layer`` None, one input, one output) or an upcycled
     layer's MoE block, whose tensors are named ``prefix`` + the block-relative names."""
 
@@ -186,7 +187,9 @@ def _meta_rows(hidden_size: int, dtype: torch.dtype) -> Callable[[int], torch.Te
     return lambda n: torch.empty(n, hidden_size, dtype=dtype, device="meta")
 
 
-def router_rows(seed: int, layer: int, hidden_size: int, std: float, dtype: torch.dtype) -> Callable[[int], torch.Tensor]:
+def router_rows(
+    seed: int, layer: int, hidden_size: int, std: float, dtype: torch.dtype
+) -> Callable[[int], torch.Tensor]:
     """``random_rows`` of one layer's block: ``randn(n, hidden) * std`` in ``dtype``. Each layer draws from its own
     generator seeded from ``(seed, layer)``, so the values do not depend on the order tensors are written in;
     successive calls continue the layer's stream."""
@@ -195,9 +198,13 @@ def router_rows(seed: int, layer: int, hidden_size: int, std: float, dtype: torc
     return lambda n: (torch.randn(n, hidden_size, generator=generator) * std).to(dtype)
 
 
-def plan_upcycling(reader: CheckpointReader, config, model_class: type) -> list[_Step]:
+def plan_upcycling(reader: CheckpointReader, config, model_class: type) -> list[UpcyclingStep]:
     """What to write, in the dense checkpoint's order, checked against the MoE model's own tensors (built on the
-    meta device, so nothing is allocated): an upcycled layer's block takes the place of its FFN's first tensor."""
+    meta device, so nothing is allocated): an upcycled layer's block takes the place of its FFN's first tensor.
+
+    The block's ``upcycled_tensors`` runs here on meta tensors (names, shapes and dtypes only), and again on the
+    real tensors when they are written, so it must not read values and must make its tensors in a fixed order.
+    """
     with torch.device("meta"):
         meta_model = model_class(config)
         expert = model_class.expert_class(config)
@@ -208,15 +215,15 @@ def plan_upcycling(reader: CheckpointReader, config, model_class: type) -> list[
     layer_of_prefix = {prefix: i for i, prefix in prefixes.items()}
     block_class = model_class.moe_block_class(config)
 
-    steps: list[_Step] = []
-    blocks: dict[int, _Step] = {}
+    steps: list[UpcyclingStep] = []
+    blocks: dict[int, UpcyclingStep] = {}
     ignored = []
     for name in reader.names():
         prefix = name[: name.rfind(".mlp.") + len(".mlp.")] if ".mlp." in name else ""
         layer = layer_of_prefix.get(prefix)
         if layer is not None:
             if layer not in blocks:
-                blocks[layer] = _Step(layer=layer, prefix=prefix)
+                blocks[layer] = UpcyclingStep(layer=layer, prefix=prefix)
                 steps.append(blocks[layer])
             blocks[layer].inputs.append(name)
         elif name in expected:
@@ -226,7 +233,7 @@ def plan_upcycling(reader: CheckpointReader, config, model_class: type) -> list[
                     f"{name} has shape {list(spec.shape)} in the checkpoint but {list(expected[name])} by its "
                     "config.json; the dense checkpoint does not match its config."
                 )
-            steps.append(_Step(outputs=[spec], inputs=[name]))
+            steps.append(UpcyclingStep(outputs=[spec], inputs=[name]))
         else:
             ignored.append(name)
     if ignored:
@@ -258,11 +265,15 @@ def plan_upcycling(reader: CheckpointReader, config, model_class: type) -> list[
         raise UpcyclingError(f"the dense checkpoint lacks {_describe(missing)}, which its config.json implies.")
     mismatched = [name for name in planned if expected.get(name) != planned[name]]
     if mismatched:  # the block's upcycled_tensors disagrees with the block's own parameters
-        raise RuntimeError(f"upcycled tensor {mismatched[0]} is not a tensor of {model_class.__name__} (or not its shape)")
+        raise RuntimeError(
+            f"upcycled tensor {mismatched[0]} is not a tensor of {model_class.__name__} (or not its shape)"
+        )
     return steps
 
 
-def _step_tensors(reader: CheckpointReader, step: _Step, config, block_class: type, seed: int) -> dict[str, torch.Tensor]:
+def _step_tensors(
+    reader: CheckpointReader, step: UpcyclingStep, config, block_class: type, seed: int
+) -> dict[str, torch.Tensor]:
     if step.layer is None:
         return {step.outputs[0].name: reader.get(step.inputs[0])}
     ffn = {name.removeprefix(step.prefix): reader.get(name) for name in step.inputs}
@@ -272,8 +283,9 @@ def _step_tensors(reader: CheckpointReader, step: _Step, config, block_class: ty
     return {step.prefix + name: tensor for name, tensor in block.items()}
 
 
-def write_upcycled(reader: CheckpointReader, steps: list[_Step], writer: ShardedWriter, config, block_class: type,
-                   seed: int) -> None:
+def write_upcycled(
+    reader: CheckpointReader, steps: list[UpcyclingStep], writer: ShardedWriter, config, block_class: type, seed: int
+) -> None:
     """Make and write the planned tensors, one step (one tensor, or one layer's block) in memory at a time."""
     with tqdm(total=sum(len(step.outputs) for step in steps), desc="upcycling", unit="tensor", disable=None) as bar:
         for step in steps:

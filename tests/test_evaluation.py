@@ -163,4 +163,5 @@ def test_report_of_a_model_with_per_layer_expert_counts(per_layer_llama_dir, hel
 
     routing["num_experts"] = 3  # the per-layer lists no longer match what the entry says
     (out / "routing.json").write_text(json.dumps({"moe": routing}))
-    assert check_report(out) == [f"moe/{lang}: router probabilities do not list each layer's experts" for lang in ("en", "hu")]
+    problem = "router probabilities do not list each layer's experts"
+    assert check_report(out) == [f"moe/{lang}: {problem}" for lang in ("en", "hu")]
