@@ -7,7 +7,7 @@ to one, the upcycled model's outputs equal the dense model's whatever the router
 
 The checkpoint is streamed, never loaded whole: dense tensors are read one at a time (an upcycled layer's FFN
 tensors together) and every MoE tensor goes to its safetensors shard as soon as it is made. Memory holds one
-layer's tensors at most (for an upcycled layer its N experts and router), whatever the size of the model.
+upcycled layer's tensors (its N experts and router) or one other tensor at most, whatever the size of the model.
 """
 
 from __future__ import annotations
@@ -329,23 +329,22 @@ def upcycle(
     tokenizer = AutoTokenizer.from_pretrained(model_path)
 
     try:
-        reader = CheckpointReader(model_path)
-    except CheckpointError as error:
+        with CheckpointReader(model_path) as reader:
+            steps = plan_upcycling(reader, config, model_class)
+            with staged_directory(output_path) as staging:
+                layout = [spec for step in steps for spec in step.outputs]
+                writer = ShardedWriter(staging, layout, max_shard_bytes)
+                try:
+                    write_upcycled(reader, steps, writer, config, model_class.moe_block_class(config), seed)
+                finally:
+                    writer.close()
+                writer.finish()
+                config.save_pretrained(staging)
+                if (model_path / GENERATION_CONFIG_NAME).is_file():
+                    shutil.copyfile(model_path / GENERATION_CONFIG_NAME, staging / GENERATION_CONFIG_NAME)
+                tokenizer.save_pretrained(staging)
+    except CheckpointError as error:  # an unreadable dense checkpoint (a truncated shard shows only when read)
         raise UpcyclingError(f"{error}.") from None
-    with reader:
-        steps = plan_upcycling(reader, config, model_class)
-        with staged_directory(output_path) as staging:
-            layout = [spec for step in steps for spec in step.outputs]
-            writer = ShardedWriter(staging, layout, max_shard_bytes)
-            try:
-                write_upcycled(reader, steps, writer, config, model_class.moe_block_class(config), seed)
-            finally:
-                writer.close()
-            writer.finish()
-            config.save_pretrained(staging)
-            if (model_path / GENERATION_CONFIG_NAME).is_file():
-                shutil.copyfile(model_path / GENERATION_CONFIG_NAME, staging / GENERATION_CONFIG_NAME)
-            tokenizer.save_pretrained(staging)
     return output_path
 
 

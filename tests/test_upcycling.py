@@ -67,7 +67,8 @@ def _copy_without_weights(dense_dir: Path, path: Path) -> Path:
 
 
 def _broken_dense_dirs(dense_dir: Path, tmp_path: Path) -> dict[str, Path]:
-    """Dense checkpoints upcycling must refuse: .bin weights, a missing shard, an FFN without its up_proj."""
+    """Dense checkpoints upcycling must refuse: .bin weights, a missing shard, an FFN without its up_proj, a
+    truncated file (found only when its last tensor is read, with part of the output written)."""
     weights = load_file(dense_dir / "model.safetensors")
     bin_dir = _copy_without_weights(dense_dir, tmp_path / "bin")
     torch.save(weights, bin_dir / "pytorch_model.bin")
@@ -79,7 +80,9 @@ def _broken_dense_dirs(dense_dir: Path, tmp_path: Path) -> dict[str, Path]:
     no_up_proj = _copy_without_weights(dense_dir, tmp_path / "no_up_proj")
     del weights["model.layers.2.mlp.up_proj.weight"]
     save_file(weights, no_up_proj / "model.safetensors", metadata={"format": "pt"})
-    return {"bin": bin_dir, "missing_shard": missing_shard, "no_up_proj": no_up_proj}
+    truncated = _copy_without_weights(dense_dir, tmp_path / "truncated")
+    (truncated / "model.safetensors").write_bytes((dense_dir / "model.safetensors").read_bytes()[:-100])
+    return {"bin": bin_dir, "missing_shard": missing_shard, "no_up_proj": no_up_proj, "truncated": truncated}
 
 
 @pytest.mark.parametrize(
@@ -99,6 +102,7 @@ def _broken_dense_dirs(dense_dir: Path, tmp_path: Path) -> dict[str, Path]:
         ("ffn mismatch", ["--model_path", "{no_up_proj}"],
          "layer 2's FFN (model.layers.2.mlp.*) holds ['down_proj.weight', 'gate_proj.weight'] in the checkpoint, "
          "but a llama FFN has ['down_proj.weight', 'gate_proj.weight', 'up_proj.weight']"),
+        ("truncated weights", ["--model_path", "{truncated}"], "model.safetensors is truncated (in the data of"),
         ("bad shard size", ["--max_shard_size", "5XB"], "--max_shard_size: cannot read '5XB' as a size"),
         # Per-layer expert counts.
         ("spec and layers", ["--num_experts", "0-1:2,2-3:4", "--moe_layers", "0,1"],
