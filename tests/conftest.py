@@ -63,3 +63,11 @@ def gemma3_dense_dir(tmp_path_factory) -> Path:
     from moelpr.gguf_convert import convert_gguf, gemma3_270m_gguf_path
 
     return convert_gguf(gemma3_270m_gguf_path(), tmp_path_factory.mktemp("gemma3") / "dense")
+
+
+@pytest.fixture(scope="session")
+def per_layer_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """Upcycled with different expert counts per layer (layer 1 stays dense)."""
+    from moelpr.upcycling import upcycle
+
+    return upcycle(tiny_llama_dir, tmp_path_factory.mktemp("per_layer") / "moe", num_experts="0:2,2-3:3", top_k=2)

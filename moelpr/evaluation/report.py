@@ -132,7 +132,7 @@ def evaluate(
         if moe:
             routing[name] = {
                 "layers": moe_layer_indices(model.config),
-                "num_experts": model.config.num_experts,
+                "num_experts": model.config.num_experts,  # one count, or one per entry of "layers"
                 "top_k": model.config.num_experts_per_tok,
                 "languages": {
                     lang: {
