@@ -102,7 +102,7 @@ def test_candidate_layers_and_bad_inputs():
     with pytest.raises(AllocationError, match="outside 0..3"):
         allocate_new_experts(sims, 5, layers=[4])
     for budget in (0, -1, True, 2.0):
-        with pytest.raises(AllocationError, match="whole number >= 1"):
+        with pytest.raises(AllocationError, match="whole number K >= 1"):
             allocate_new_experts([0.1, 0.2], budget)
 
 
