@@ -269,6 +269,9 @@ def check_request(budget: int, new_corpora: Sequence[Path], old_corpora: Sequenc
     shared = {Path(p).resolve() for p in new_corpora} & {Path(p).resolve() for p in old_corpora}
     if shared:
         raise AllocationError(f"{', '.join(map(str, sorted(shared)))} is given as both a new and an old corpus.")
+    for option, paths in (("--new_corpus", new_corpora), ("--old_corpus", old_corpora)):
+        if len({Path(p).resolve() for p in paths}) < len(paths):
+            raise AllocationError(f"{option} names a file twice.")
 
 
 @dataclass
