@@ -395,7 +395,7 @@ def write_allocation(allocation: LayerAllocation, directory: str | Path) -> Path
     return path
 
 
-def _paths(value: str) -> list[Path]:
+def split_paths(value: str) -> list[Path]:
     return [Path(p) for p in value.split(",") if p.strip()]
 
 
@@ -407,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model_path", required=True, help="dense HF checkpoint directory")
     parser.add_argument("--num_experts", required=True, help="auto:K, K = new experts to spread over the layers")
-    parser.add_argument("--new_corpus", type=_paths, default=[], help="new-language jsonl file(s), comma-separated")
-    parser.add_argument("--old_corpus", type=_paths, default=[], help="old-language jsonl file(s), comma-separated")
+    parser.add_argument("--new_corpus", type=split_paths, default=[], help="new-language jsonl file(s), comma-separated")
+    parser.add_argument("--old_corpus", type=split_paths, default=[], help="old-language jsonl file(s), comma-separated")
     parser.add_argument("--max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help=f"tokens measured per corpus, from its start (default {DEFAULT_MAX_TOKENS:,}; the authors: 100,000)")
     parser.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH,

@@ -36,6 +36,15 @@ from .checkpoint_io import (
     parse_size,
     staged_directory,
 )
+from .layer_allocation import (
+    DEFAULT_MAX_TOKENS,
+    AllocationError,
+    allocate_for_checkpoint,
+    check_request,
+    parse_auto_budget,
+    split_paths,
+    write_allocation,
+)
 from .models import MOE_FAMILIES
 
 logger = logging.getLogger(__name__)
@@ -304,24 +313,47 @@ def upcycle(
     moe_layers: list[int] | str | None = None,
     seed: int = 0,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    new_corpora: list[Path] | None = None,
+    old_corpora: list[Path] | None = None,
+    allocation_max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> Path:
     """Write the upcycled checkpoint (weights, config, generation config, tokenizer) of the dense safetensors
     checkpoint at ``model_path``.
 
     ``num_experts`` is a count for every upcycled layer (``moe_layers`` picks them: ``None``/``"all"``,
     ``"every:K"``, ``"0,2,5-7"`` or a list) or per-layer counts like ``"0-9:2,10-29:4"`` (layers left out stay
-    dense). Weights are written in shards of at most ``max_shard_size`` (``"5GB"``, bytes...). The output appears
+    dense), or ``"auto:K"``: K new experts spread over the layers (``moe_layers`` the candidates) by the
+    cross-lingual similarity of the dense model's hidden states on ``new_corpora`` and ``old_corpora``
+    (LayerMoE; see :mod:`moelpr.layer_allocation`), the measurement saved as ``layer_allocation.json``. Weights are written in shards of at most ``max_shard_size`` (``"5GB"``, bytes...). The output appears
     whole or not at all (see :func:`~moelpr.checkpoint_io.staged_directory`).
     """
     from transformers import AutoConfig, AutoTokenizer
 
     model_path, output_path = Path(model_path), Path(output_path)
     model_type = _check_paths(model_path, output_path)
+    budget = parse_auto_budget(str(num_experts))
+    if budget is None and (new_corpora or old_corpora):
+        raise UpcyclingError("--new_corpus and --old_corpus are read only with --num_experts auto:K.")
+    if budget is not None:
+        check_request(budget, new_corpora or [], old_corpora or [])
+        if top_k > 2:
+            raise UpcyclingError(
+                f"--topk {top_k} with --num_experts auto:{budget}: a layer may get a single new expert (2 in all), "
+                "so top-k can be at most 2."
+            )
     try:
         max_shard_bytes = parse_size(max_shard_size)
     except CheckpointError as error:
         raise UpcyclingError(f"--max_shard_size: {error}.") from None
     dense_config = AutoConfig.from_pretrained(model_path)
+    allocation = None
+    if budget is not None:
+        candidates = parse_layers(moe_layers, dense_config.num_hidden_layers) if isinstance(moe_layers, str) else moe_layers
+        allocation = allocate_for_checkpoint(
+            model_path, budget, new_corpora, old_corpora, layers=candidates, max_tokens=allocation_max_tokens
+        )
+        logger.info("LayerMoE allocation of %d new experts:\n%s", budget, allocation.table())
+        num_experts, moe_layers = allocation.spec, None
     layers, counts = expert_layout(num_experts, moe_layers, top_k, dense_config.num_hidden_layers)
     config_class, model_class = MOE_FAMILIES[model_type]
     config = config_class.from_dense(dense_config, num_experts=counts, num_experts_per_tok=top_k, moe_layers=layers)
@@ -343,6 +375,8 @@ def upcycle(
                 if (model_path / GENERATION_CONFIG_NAME).is_file():
                     shutil.copyfile(model_path / GENERATION_CONFIG_NAME, staging / GENERATION_CONFIG_NAME)
                 tokenizer.save_pretrained(staging)
+                if allocation is not None:
+                    write_allocation(allocation, staging)
     except CheckpointError as error:  # an unreadable dense checkpoint (a truncated shard shows only when read)
         raise UpcyclingError(f"{error}.") from None
     return output_path
@@ -356,13 +390,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_experts",
         default="4",
         help="experts per MoE layer, expert 0 = original FFN (default 4); or per-layer counts like '0-9:2,10-29:4' "
-        "(layers left out stay dense; not with --moe_layers)",
+        "(layers left out stay dense; not with --moe_layers); or 'auto:K': K new experts spread over the layers by "
+        "the cross-lingual similarity of hidden states on --new_corpus / --old_corpus (LayerMoE; --moe_layers then "
+        "names the candidate layers)",
     )
     parser.add_argument("--topk", type=int, default=2, help="experts per token")
     parser.add_argument(
         "--moe_layers", default=None, help="'all' (default), 'every:K', or indices like '0,2,5-7'; other layers stay dense"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the router initialisation")
+    parser.add_argument("--new_corpus", type=split_paths, default=None, metavar="FILE[,FILE]",
+                        help="with auto:K: jsonl texts ({\"text\": ...}) of the new languages, comma-separated")
+    parser.add_argument("--old_corpus", type=split_paths, default=None, metavar="FILE[,FILE]",
+                        help="with auto:K: jsonl texts of the languages the model already knows")
+    parser.add_argument("--allocation_max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help=f"with auto:K: tokens read from each corpus (default {DEFAULT_MAX_TOKENS})")
     parser.add_argument(
         "--max_shard_size",
         default=DEFAULT_MAX_SHARD_SIZE,
@@ -376,9 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = upcycle(
             args.model_path, args.output_path, args.num_experts, args.topk, args.moe_layers, args.seed,
-            args.max_shard_size,
+            args.max_shard_size, args.new_corpus, args.old_corpus, args.allocation_max_tokens,
         )
-    except UpcyclingError as error:
+    except (UpcyclingError, AllocationError) as error:
         print(f"moelpr upcycle: error: {error}", file=sys.stderr)
         return 2
     print(f"Upcycled checkpoint written to {out}")

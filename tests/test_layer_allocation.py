@@ -271,3 +271,35 @@ def test_bad_requests_get_one_clear_line(case, change, message, corpora, tiny_ll
     errors = [line for line in err.splitlines() if "error" in line.lower()]  # progress bars share stderr
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
     assert "similarity:" not in err  # refused before any forward pass
+
+
+def test_upcycle_auto_budget_end_to_end(corpora, anisotropic_llama_dir, tmp_path, capsys):
+    """`moelpr upcycle --num_experts auto:K`: the measured allocation becomes the checkpoint's layout, is saved
+    beside it, and the upcycled model still computes the dense function."""
+    from moelpr.upcycling import main
+
+    out = tmp_path / "auto"
+    args = ["--model_path", str(anisotropic_llama_dir), "--output_path", str(out), "--num_experts", "auto:5",
+            "--new_corpus", f"{corpora['hu']},{corpora['el']}", "--old_corpus", str(corpora["en"])]
+    assert main(args) == 0
+    saved = json.loads((out / "layer_allocation.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    layers = config["moe_layers"] if config["moe_layers"] is not None else list(range(config["num_hidden_layers"]))
+    counts = config["num_experts"] if isinstance(config["num_experts"], list) else [config["num_experts"]] * len(layers)
+    assert layers == saved["moe_layers"] and counts == saved["num_experts"]
+    assert sum(n - 1 for n in counts) == 5
+    dense = AutoModelForCausalLM.from_pretrained(anisotropic_llama_dir).eval()
+    moe = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(2, dense.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (moe(input_ids=ids).logits - dense(input_ids=ids).logits).abs().max() <= 1e-5
+
+    for bad, message in (
+        (["--num_experts", "auto:5"], "needs --new_corpus"),
+        (["--num_experts", "4", "--new_corpus", str(corpora["hu"])], "only with --num_experts auto:K"),
+        (args[4:] + ["--topk", "3"], "top-k can be at most 2"),
+    ):
+        target = tmp_path / "never"
+        assert main(["--model_path", str(anisotropic_llama_dir), "--output_path", str(target), *bad]) == 2
+        assert message in capsys.readouterr().err
+        assert not target.exists()
