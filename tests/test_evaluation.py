@@ -207,3 +207,48 @@ def test_paired_resampling_separates_what_unpaired_cannot():
     unpaired = change_interval((nll, tokens), (other, tokens), paired=False)
     assert paired[0] > 0  # the 1% increase is significant when paired
     assert unpaired[0] < 0 < unpaired[1]  # and drowned in the spread otherwise
+
+
+def test_comparison_table_and_tradeoff_picture(tiny_llama_dir, upcycled_llama_dir, heldout_files, tmp_path):
+    """The comparison reads the eval report and each method's runs; parameter counts come from the checkpoints."""
+    from transformers import AutoModelForCausalLM
+
+    from moelpr.evaluation.comparison import main as compare_main
+    from moelpr.evaluation.comparison import parameter_counts
+
+    out = tmp_path / "eval"
+    argv = ["--model", f"base={tiny_llama_dir}", "--model", f"full_ft={tiny_llama_dir}",
+            "--model", f"moe={upcycled_llama_dir}", "--output_dir", str(out), "--cutoff_len", "8",
+            "--max_tokens", "40", "--old_languages", "en"]
+    for lang, path in heldout_files.items():
+        argv += ["--heldout", f"{lang}={path}"]
+    assert eval_main(argv) == 0
+    # The reference must have gained something for the share to be defined: make full_ft a little better on hu.
+    report = json.loads((out / "perplexity.json").read_text())
+    cell = report["models"]["full_ft"]["languages"]["hu"]
+    cell["block_nll"] = [0.9 * v for v in cell["block_nll"]]
+    (out / "perplexity.json").write_text(json.dumps(report))
+
+    run, log = tmp_path / "run", tmp_path / "run.log"
+    run.mkdir()
+    state = {"global_step": 4, "log_history": [{"step": 4, "loss": 1.0}, {"step": 4, "train_runtime": 10.0}]}
+    (run / "trainer_state.json").write_text(json.dumps(state))
+    log.write_text("[INFO] trainable params: 1,234 || all params: 99,999 || trainable%: 1.2340\n")
+    methods = tmp_path / "methods.json"
+    methods.write_text(json.dumps({"base": "base", "reference": "full_ft", "methods": [
+        {"name": "moe", "label": "MoE-LPR", "runs": [str(run)], "logs": [str(log)]}]}))
+    assert compare_main(["--eval_dir", str(out), "--methods", str(methods), "--output_dir", str(tmp_path / "cmp")]) == 0
+
+    result = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    row = result["methods"][0]
+    moe = AutoModelForCausalLM.from_pretrained(upcycled_llama_dir)
+    expert = sum(p.numel() for p in moe.moe_blocks()[0].original_expert.parameters())
+    total = sum(p.numel() for p in moe.parameters())
+    assert (row["total_params"], row["active_params"]) == (total, total - 4 * 2 * expert)  # top-2 of 4, 4 layers
+    assert parameter_counts(tiny_llama_dir)[0] == parameter_counts(tiny_llama_dir)[1]  # dense: all active
+    assert row["trainable_params"] == 1234 and row["train_seconds"] / row["train_steps"] == 2.5
+    # The upcycled model computes the dense function: no change, and none of full_ft's 10% gain on hu.
+    assert abs(row["languages"]["hu"]["change"]) < 1e-4
+    assert abs(row["languages"]["hu"]["gain_share"][0]) < 1e-3
+    assert "| MoE-LPR |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    assert matplotlib.image.imread(tmp_path / "cmp" / "tradeoff.png").shape[0] > 300

@@ -64,3 +64,48 @@ def change_interval(
     log_ratio = _log_perplexities(*other, other_draws) - _log_perplexities(*base, base_draws)
     low, high = _bounds(log_ratio, level)
     return float(np.expm1(low)), float(np.expm1(high))
+
+
+Blocks = tuple[Sequence[float], Sequence[int]]  # (nll, predicted tokens) per block
+
+
+def mean_change_interval(
+    pairs: Sequence[tuple[Blocks, Blocks]],
+    samples: int = DEFAULT_SAMPLES,
+    level: float = DEFAULT_LEVEL,
+    seed: int = DEFAULT_SEED,
+) -> tuple[float, float, float]:
+    """Mean over languages of the relative change ``ppl(other) / ppl(base) - 1``, with its interval; one
+    ``(base, other)`` pair of blocks per language, each evaluated on the same blocks (paired draws), languages
+    drawn independently. Returns ``(mean, low, high)``."""
+    changes = []
+    for index, (base, other) in enumerate(pairs):
+        draws = _draws(len(base[0]), samples, seed + index)
+        drawn = np.expm1(_log_perplexities(*other, draws) - _log_perplexities(*base, draws))
+        changes.append(np.append(drawn, np.expm1(_log_perplexity(*other) - _log_perplexity(*base))))  # point last
+    stacked = np.mean(changes, axis=0)
+    low, high = _bounds(stacked[:-1], level)
+    return float(stacked[-1]), low, high
+
+
+def gain_share_interval(
+    base: Blocks,
+    reference: Blocks,
+    other: Blocks,
+    samples: int = DEFAULT_SAMPLES,
+    level: float = DEFAULT_LEVEL,
+    seed: int = DEFAULT_SEED,
+) -> tuple[float, float, float]:
+    """Share of ``reference``'s log-perplexity gain over ``base`` that ``other`` achieves,
+    ``(log ppl_base - log ppl_other) / (log ppl_base - log ppl_reference)``, with its interval; all three evaluated
+    on the same blocks (one draw for all). Returns ``(share, low, high)``."""
+    draws = _draws(len(base[0]), samples, seed)
+    base_log = _log_perplexities(*base, draws)
+    shares = (base_log - _log_perplexities(*other, draws)) / (base_log - _log_perplexities(*reference, draws))
+    point = (_log_perplexity(*base) - _log_perplexity(*other)) / (_log_perplexity(*base) - _log_perplexity(*reference))
+    low, high = _bounds(shares, level)
+    return float(point), low, high
+
+
+def _log_perplexity(nll: Sequence[float], tokens: Sequence[int]) -> float:
+    return float(np.sum(nll) / np.sum(tokens))
