@@ -23,3 +23,10 @@ def upcycled_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
     from moelpr.upcycling import upcycle
 
     return upcycle(tiny_llama_dir, tmp_path_factory.mktemp("upcycled") / "moe", num_experts=4, top_k=2)
+
+
+@pytest.fixture(scope="session")
+def moect_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    from tiny_models import save_moect_model
+
+    return save_moect_model(tiny_llama_dir, tmp_path_factory.mktemp("moect") / "moe")
