@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.configuration import CT, LPR
 from .perplexity import LanguageResult, evaluate_language, token_blocks
 from .plots import loss_curves, routing_heatmap
 
@@ -51,6 +52,31 @@ def moe_layer_indices(config) -> list[int]:
     if indices is not None:
         return list(indices)
     return list(config.moe_layers) if config.moe_layers is not None else list(range(config.num_hidden_layers))
+
+
+def routing_report(config, per_language: Mapping[str, LanguageResult], old_languages: set[str]) -> dict:
+    """routing.json's entry for one MoE model: per language and MoE layer, each expert's top-1 share and mean
+    router probability, and how much the original FFN is used: MoE-LPR's share of tokens whose top-1 expert is
+    expert 0 (``expert0_top1_share``), MoE-CT's mean fusion weight on the frozen FFN (``ffn_fusion_weight``;
+    its routed experts are all new, so expert 0 is not the FFN there)."""
+    method = getattr(config, "moe_method", LPR)
+    languages = {}
+    for lang, result in per_language.items():
+        totals = result.routing
+        entry = {"role": "old" if lang in old_languages else "new", "tokens": totals.tokens}
+        if method == CT:
+            entry["ffn_fusion_weight"] = totals.ffn_fusion_weight()
+        else:
+            entry["expert0_top1_share"] = totals.expert0_top1_share()
+        entry.update(top1_share=totals.top1_share(), mean_router_prob=totals.mean_router_prob())
+        languages[lang] = entry
+    return {
+        "method": method,
+        "layers": moe_layer_indices(config),
+        "num_experts": config.num_experts,
+        "top_k": config.num_experts_per_tok,
+        "languages": languages,
+    }
 
 
 def _perplexity_markdown(results: Mapping[str, Mapping], languages: Sequence[str], old: set[str], settings: Mapping) -> str:
@@ -128,20 +154,7 @@ def evaluate(
             "seconds": round(time.time() - start, 1),
         }
         if moe:
-            routing[name] = {
-                "layers": moe_layer_indices(model.config),
-                "num_experts": model.config.num_experts,
-                "top_k": model.config.num_experts_per_tok,
-                "languages": {
-                    lang: {
-                        "role": "old" if lang in old_languages else "new",
-                        "tokens": r.routing.tokens,
-                        "expert0_top1_share": r.routing.expert0_top1_share(),
-                        "mean_router_prob": r.routing.mean_router_prob(),
-                    }
-                    for lang, r in per_language.items()
-                },
-            }
+            routing[name] = routing_report(model.config, per_language, old_languages)
         del model
 
     report = {"settings": settings, "languages": {lang: "old" if lang in old_languages else "new" for lang in languages}, "models": results}
