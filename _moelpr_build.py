@@ -1,10 +1,10 @@
-"""Build step shipping ``moelpr-llamafactory.pth`` into site-packages (wheel and editable installs)."""
+"""Build step shipping ``moelpr-startup.pth`` into site-packages (wheel and editable installs)."""
 
 import os
 
 from setuptools.command.build_py import build_py
 
-STARTUP_HOOK = "moelpr-llamafactory.pth"
+STARTUP_HOOK = "moelpr-startup.pth"
 
 
 class BuildPyWithStartupHook(build_py):

@@ -160,6 +160,10 @@ def staged_directory(output_path: str | os.PathLike) -> Iterator[Path]:
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
+    # mkdtemp makes the directory private (0700); the checkpoint should get the permissions of any new directory.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     try:
         yield staging
         if output_path.exists():

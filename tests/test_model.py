@@ -316,3 +316,19 @@ def test_concurrent_forwards_get_what_each_gets_alone(llama_moe):
         for g, w in zip(got[1:4], want[1:4]):
             assert torch.equal(g, w), i
         assert all(torch.equal(g, w) for g, w in zip(got[4], want[4]))
+
+
+def test_single_token_path_adds_like_the_batched_path(llama_moe):
+    """Decoding one token skips the sort/gather/scatter; its sum must be the batched path's, bit for bit."""
+    from moelpr.models.moe import route, run_experts
+
+    block = llama_moe.moe_blocks()[0]
+    with torch.no_grad():
+        block.router.weight.normal_(generator=torch.Generator().manual_seed(0))
+        for expert in block.new_experts:
+            expert.down_proj.weight.mul_(1.3)
+        token = torch.randn(1, llama_moe.config.hidden_size, generator=torch.Generator().manual_seed(1))
+        _, weights, selected = route(block.router(token), 3)
+        direct = run_experts(token, block.experts(), weights, selected, run_idle=False)
+        batched = run_experts(token, block.experts(), weights, selected, run_idle=True)
+    assert torch.equal(direct, batched)

@@ -173,3 +173,23 @@ def test_collator_pads_the_mask_like_the_tokens(upcycled_llama_dir, dataset_dir,
         assert not mask[~kept].any()
         assert set(row["lang_mask"]) == {int(all(ord(c) < 128 for c in tokenizer.decode(row["input_ids"][:1])))}
     assert batch["lang_mask"].dtype == torch.long
+
+
+def test_gemma3_packed_blocks_start_with_bos_and_documents_end_with_eos(gemma3_dense_dir):
+    from types import SimpleNamespace
+
+    from llamafactory.data.processor.pretrain import PretrainDatasetProcessor
+    from transformers import AutoTokenizer
+
+    # Gemma needs <bos> first; transformers 5.6 reloads its tokenizer with add_bos_token False, which
+    # LLaMA-Factory reads, so without the plugin no block would start with bos.
+    tokenizer = AutoTokenizer.from_pretrained(gemma3_dense_dir)
+    data_args = SimpleNamespace(template="default", packing=True, cutoff_len=8)
+    processor = PretrainDatasetProcessor(template=None, tokenizer=tokenizer, processor=None, data_args=data_args)
+    documents = ["The capital of France is Paris.", "Budapest is the capital of Hungary, on the Danube."]
+    blocks = processor.preprocess_dataset({"_prompt": [[{"content": d}] for d in documents]})["input_ids"]
+    stream = [token for doc in documents for token in tokenizer(doc, add_special_tokens=False)["input_ids"] + [1]]
+    assert len(blocks) == len(stream) // 8 == 2
+    for i, block in enumerate(blocks):
+        # LLaMA-Factory overwrites each block's first token with bos; the rest is the eos-separated stream.
+        assert block == [tokenizer.bos_token_id] + stream[i * 8 + 1 : (i + 1) * 8]

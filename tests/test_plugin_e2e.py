@@ -7,7 +7,6 @@ The CLI picks the plugin up through the .pth startup hook of the installed packa
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,50 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from llamafactory_cli import CLI, REPO, train
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moelpr.models import routing_stats
 
-REPO = Path(__file__).resolve().parent.parent
-CLI = shutil.which("llamafactory-cli")
 ROUTING_KEYS = {"lm_loss", "aux_loss", "lpr_loss", "old_lang_expert0_top1_share"}
 ROUTING_KEYS |= {f"expert_share_{i}" for i in range(4)}
 
 pytestmark = pytest.mark.skipif(CLI is None, reason="llamafactory-cli is not installed")
-
-
-def train(tmp_path: Path, name: str, env: dict[str, str] | None = None, **settings) -> Path:
-    """Run `llamafactory-cli train` on a tiny YAML recipe; return its output directory."""
-    recipe = {
-        "stage": "pt",
-        "do_train": True,
-        "finetuning_type": "moelpr",
-        "dataset_dir": str(REPO / "data"),
-        "cutoff_len": 32,
-        "output_dir": str(tmp_path / name),
-        "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 2,
-        "logging_steps": 1,
-        "save_steps": 2,
-        "plot_loss": True,
-        "report_to": "none",
-        "use_cpu": True,
-        "seed": 7,
-    }
-    recipe.update(settings)
-    recipe_file = tmp_path / f"{name}.yaml"
-    recipe_file.write_text(yaml.safe_dump(recipe))
-    run = subprocess.run(
-        [CLI, "train", str(recipe_file)],
-        check=False,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-    return Path(recipe["output_dir"])
 
 
 def weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -86,33 +51,6 @@ def old_language_expert0_share(model_dir: Path) -> float:
         out = model(**batch, output_router_logits=True)
     mask = batch["attention_mask"]
     return routing_stats(out.router_logits, model.config.num_experts_per_tok, mask, mask)["old_lang_expert0_top1_share"]
-
-
-@pytest.fixture(scope="module")
-def stage_outputs(upcycled_llama_dir, tmp_path_factory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("stages")
-    stage1 = train(
-        tmp,
-        "stage1",
-        model_name_or_path=str(upcycled_llama_dir),
-        moelpr_stage="post_pretrain",
-        dataset="new_hu,new_tr",
-        learning_rate=1e-3,
-        max_steps=4,
-    )
-    stage2 = train(
-        tmp,
-        "stage2",
-        model_name_or_path=str(stage1),
-        moelpr_stage="review",
-        generate_lang_mask=True,
-        dataset="new_hu,old_en",
-        mix_strategy="interleave_under",
-        interleave_probs="0.5,0.5",
-        learning_rate=2e-2,
-        max_steps=8,
-    )
-    return {"upcycled": Path(upcycled_llama_dir), "stage1": stage1, "stage2": stage2, "tmp": tmp}
 
 
 def test_stage1_trains_exactly_the_new_experts_and_routers(stage_outputs):
@@ -261,6 +199,38 @@ def test_eval_loss_is_the_lm_loss_whatever_the_router_loss_weights(stage_outputs
     plain, heavy = results
     assert plain["eval_loss"] == pytest.approx(heavy["eval_loss"], rel=1e-6), (plain, heavy)
     assert plain["eval_perplexity"] == pytest.approx(heavy["eval_perplexity"], rel=1e-6)
+
+
+def test_llamafactory_export_of_a_stage_output_loads_again(stage_outputs, tmp_path):
+    """`llamafactory-cli export` rewrites the trained model as a checkpoint that loads again and computes the
+    same logits; `moelpr export` turns the trained model into a Mixtral that computes them too."""
+    recipe = {
+        "model_name_or_path": str(stage_outputs["stage2"]),
+        "template": "empty",
+        "export_dir": str(tmp_path / "llamafactory_export"),
+        "infer_dtype": "float32",  # LLaMA-Factory's default ("auto") would halve the precision
+    }
+    recipe_file = tmp_path / "export.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    run = subprocess.run([CLI, "export", str(recipe_file)], check=False, cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    exported = Path(recipe["export_dir"])
+    assert json.loads((exported / "config.json").read_text())["model_type"] == "llama_moelpr"
+    assert not changed(weights(stage_outputs["stage2"]), weights(exported))
+
+    from moelpr.export import export
+
+    mixtral = export(stage_outputs["stage2"], tmp_path / "mixtral")
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    batch = tokenizer(["Magyarul: a gyors barna róka", "The quick brown fox"], padding=True, return_tensors="pt")
+    logits = {}
+    for name, path in (("trained", stage_outputs["stage2"]), ("llamafactory", exported), ("mixtral", mixtral)):
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        with torch.no_grad():
+            logits[name] = model(**batch).logits[batch["attention_mask"].bool()]
+    assert type(model).__name__ == "MixtralForCausalLM"
+    assert torch.equal(logits["llamafactory"], logits["trained"])
+    assert (logits["mixtral"] - logits["trained"]).abs().max() <= 1e-5
 
 
 MOE_PARTS = ("router", "new_experts", "fusion")

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..models.configuration import CT, LPR
+from ..tokenization import restore_add_bos_token
 from .perplexity import LanguageResult, evaluate_language, token_blocks
 from .plots import loss_curves, routing_heatmap
 
@@ -38,6 +39,7 @@ def load_model(path: Path, dtype: torch.dtype):
     import moelpr  # noqa: F401
 
     tokenizer = AutoTokenizer.from_pretrained(path)
+    restore_add_bos_token(tokenizer)  # token_blocks starts blocks with bos as LLaMA-Factory does
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
     return model, tokenizer

@@ -5,7 +5,7 @@ classes at the narrowest points that see what MoE-LPR needs (listed in :func:`_p
 patch targets one LLaMA-Factory release series; :func:`apply` refuses any other version instead of
 patching code it has not been checked against.
 
-The ``moelpr-llamafactory.pth`` startup hook installed with the package calls :func:`apply` as soon as
+The ``moelpr-startup.pth`` startup hook installed with the package calls :func:`apply` as soon as
 ``llamafactory.train.tuner`` is imported, so the plain ``llamafactory-cli`` (and the ``torchrun``
 workers it launches) pick the plugin up without a wrapper command.
 """
@@ -57,7 +57,8 @@ def _patch_table() -> list[tuple[str, str, Callable[[Any], Any]]]:
         ("llamafactory.hparams.parser", "_INFER_ARGS", hparams.extend_argument_classes),
         ("llamafactory.hparams.parser", "_EVAL_ARGS", hparams.extend_argument_classes),
         ("llamafactory.hparams.parser", "_parse_train_args", hparams.wrap_parse_train_args),
-        # Data: the dataset's language travels with each row, then with each token through packing.
+        # Data: the dataset's language travels with each row, then with each token through packing; packed
+        # blocks start with bos for tokenizers that add one (transformers 5 hides that from LLaMA-Factory).
         ("llamafactory.data.parser", "DatasetAttr.join", data.wrap_dataset_attr_join),
         ("llamafactory.data.converter", "get_dataset_converter", data.wrap_get_dataset_converter),
         (

@@ -4,6 +4,8 @@ A dataset's ``language`` is stamped on each of its rows while LLaMA-Factory alig
 survives ``max_samples``, ``mix_strategy`` concat or interleave and caching. Pre-training preprocessing
 then packs documents of different datasets into one block, so the row flag becomes a per-token
 ``lang_mask`` column built by the same tokenisation, concatenation and cutting as ``input_ids``.
+Pre-training preprocessing also gets back the tokenizer's ``add_bos_token`` (see
+:func:`moelpr.tokenization.restore_add_bos_token`), so blocks start with bos where the model expects one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 from transformers import DataCollatorForLanguageModeling
 
+from ..tokenization import restore_add_bos_token
 from .hparams import OLD
 
 LANG_COLUMN = "_lang"  # row-level flag, 1 for an old-language document (removed by preprocessing)
@@ -74,6 +77,7 @@ class _LangMaskingTokenizer:
 
 def wrap_pretrain_preprocess(preprocess: Callable[..., dict[str, list[Any]]]) -> Callable[..., dict[str, list[Any]]]:
     def preprocess_dataset(self: Any, examples: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        restore_add_bos_token(self.tokenizer)  # LLaMA-Factory starts each block with bos only if this is set
         if LANG_COLUMN not in examples:
             return preprocess(self, examples)
         tagging = replace(self, tokenizer=_LangMaskingTokenizer(self.tokenizer, examples[LANG_COLUMN]))

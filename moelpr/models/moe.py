@@ -171,6 +171,15 @@ def run_experts(
     must take part in every step on every rank, or the gradient all-reduce waits for it.
     """
     top_k = selected.shape[-1]
+    if tokens.shape[0] == 1 and not run_idle:
+        # Decoding one sequence: call the token's experts directly (no sort, gather or scatter, which cost as
+        # much as the expert itself at one token), adding in expert order as the batched path below does.
+        expert_ids = selected[0].tolist()
+        output = None
+        for slot in sorted(range(top_k), key=expert_ids.__getitem__):
+            contribution = experts[expert_ids[slot]](tokens) * weights[0, slot].to(tokens.dtype)
+            output = contribution if output is None else output + contribution
+        return output
     flat_experts = selected.reshape(-1)
     order = torch.argsort(flat_experts, stable=True)
     counts = torch.bincount(flat_experts, minlength=len(experts)).tolist()  # the one host sync of the block

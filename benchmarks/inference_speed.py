@@ -1,0 +1,85 @@
+"""Prefill and decode tokens/s of an upcycled MoE-LPR model against its dense original, side by side.
+
+Run by hand, not in CI; results are written down in benchmarks/README.md.
+
+    python benchmarks/inference_speed.py --dense DENSE_DIR --moe MOE_DIR [--bf16] [--repeats 5]
+
+Prefill: one forward pass over a batch of random token blocks (no cache). Decode: greedy generation with the KV
+cache, batch 1, a fixed number of new tokens after a short prompt. The two models are timed alternately
+(dense, MoE, dense, MoE, ...) so that a change of machine load hits both, and the median of the repeats is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import moelpr  # noqa: F401  (registers the MoE model types)
+
+
+@torch.inference_mode()
+def prefill_seconds(model, input_ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(input_ids=input_ids)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Seconds per generated token, the prompt's prefill excluded (timed separately and subtracted)."""
+    kwargs = {"do_sample": False, "pad_token_id": model.config.eos_token_id, "eos_token_id": None}
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kwargs)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, **kwargs)
+    return (time.perf_counter() - start - first) / new_tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dense", required=True)
+    parser.add_argument("--moe", required=True)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--bf16", action="store_true")
+    args = parser.parse_args()
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    models = {
+        "dense": AutoModelForCausalLM.from_pretrained(args.dense, dtype=dtype).eval(),
+        "moe": AutoModelForCausalLM.from_pretrained(args.moe, dtype=dtype).eval(),
+    }
+    generator = torch.Generator().manual_seed(0)
+    vocab = models["dense"].config.vocab_size
+    blocks = torch.randint(0, vocab, (args.batch, args.seq), generator=generator)
+    prompt = torch.randint(0, vocab, (1, args.prompt), generator=generator)
+    for model in models.values():  # warm-up: first calls allocate and pick kernels
+        prefill_seconds(model, blocks)
+        decode_seconds(model, prompt, 4)
+    prefill = {name: [] for name in models}
+    decode = {name: [] for name in models}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            prefill[name].append(prefill_seconds(model, blocks))
+            decode[name].append(decode_seconds(model, prompt, args.new_tokens))
+    result = {"dtype": str(dtype), "threads": torch.get_num_threads(), "repeats": args.repeats}
+    for name in models:
+        result[f"{name}_prefill_tokens_per_s"] = round(blocks.numel() / statistics.median(prefill[name]), 1)
+        result[f"{name}_decode_tokens_per_s"] = round(1 / statistics.median(decode[name]), 2)
+    for phase in ("prefill", "decode"):
+        result[f"{phase}_ratio_moe_to_dense"] = round(
+            result[f"moe_{phase}_tokens_per_s"] / result[f"dense_{phase}_tokens_per_s"], 3
+        )
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Runs of the real `llamafactory-cli train` on tiny YAML recipes, shared by the tests that need trained outputs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = shutil.which("llamafactory-cli")
+
+
+def train(tmp_path: Path, name: str, env: dict[str, str] | None = None, **settings) -> Path:
+    """Run `llamafactory-cli train` on a tiny YAML recipe; return its output directory."""
+    recipe = {
+        "stage": "pt",
+        "do_train": True,
+        "finetuning_type": "moelpr",
+        "dataset_dir": str(REPO / "data"),
+        "cutoff_len": 32,
+        "output_dir": str(tmp_path / name),
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "logging_steps": 1,
+        "save_steps": 2,
+        "plot_loss": True,
+        "report_to": "none",
+        "use_cpu": True,
+        "seed": 7,
+    }
+    recipe.update(settings)
+    recipe_file = tmp_path / f"{name}.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    run = subprocess.run(
+        [CLI, "train", str(recipe_file)],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    return Path(recipe["output_dir"])
