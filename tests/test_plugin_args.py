@@ -232,3 +232,22 @@ def test_moect_recipe_parses_with_the_authors_settings(moect_llama_dir, tmp_path
     assert (training_args.learning_rate, training_args.adam_beta1, training_args.adam_beta2) == (5e-5, 0.9, 0.95)
     assert training_args.weight_decay == 0.0 and str(training_args.lr_scheduler_type) == "SchedulerType.COSINE"
     assert data_args.mix_strategy == "interleave_under" and data_args.generate_lang_mask
+
+
+@pytest.mark.parametrize("train_embeddings", [True, False])
+def test_moect_freeze_rules_with_tied_embeddings(tmp_path, train_embeddings):
+    """Tied input and output embeddings are one tensor: it trains once (or not at all) with the MoE-CT modules."""
+    from tiny_models import save_dense_model, save_moect_model
+    from transformers import AutoModelForCausalLM
+
+    from moelpr.llamafactory_plugin.model import setup_moelpr_tuning
+
+    dense = save_dense_model(tmp_path / "dense", "qwen2", num_layers=2, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_pretrained(save_moect_model(dense, tmp_path / "ct", moe_layers=[1]))
+    setup_moelpr_tuning(model, "post_pretrain", upcast_trainable=False, train_embeddings=train_embeddings)
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    moe = {name for name, _ in model.named_parameters() if name.startswith("model.layers.1.mlp.")}
+    moe = {name for name in moe if ".original_expert." not in name}
+    assert {name.split(".mlp.")[1].split(".")[0] for name in moe} == {"router", "new_experts", "fusion"}
+    assert trained == moe | ({"model.embed_tokens.weight"} if train_embeddings else set())
+    assert model.lm_head.weight.requires_grad == train_embeddings  # the same tensor as the input embeddings
