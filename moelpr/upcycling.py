@@ -1,28 +1,48 @@
-"""Upcycle a dense causal LM into its MoE-LPR form, preserving the function it computes.
+"""Upcycle a dense causal LM into its MoE form, preserving the function it computes.
 
-Each chosen layer's FFN becomes expert 0 (the same tensors) and is copied into experts 1..N-1; the
-router starts random. Because all experts are equal and the top-k weights are renormalised to sum to
-one, the upcycled model's outputs equal the dense model's whatever the router says.
+Each chosen layer's FFN becomes the MoE block its model class names (``moe_block_class``), built from the FFN's
+tensors by the block's ``upcycled_tensors``: for MoE-LPR, expert 0 is the FFN itself, experts 1..N-1 are its
+copies and the router starts random. Because all experts are equal and the top-k weights are renormalised to sum
+to one, the upcycled model's outputs equal the dense model's whatever the router says.
+
+The checkpoint is streamed, never loaded whole: dense tensors are read one at a time (an upcycled layer's FFN
+tensors together) and every MoE tensor goes to its safetensors shard as soon as it is made. Memory holds one
+upcycled layer's tensors (its N experts and router) or one other tensor at most, whatever the size of the model.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import os
+import logging
 import shutil
 import sys
-import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from .checkpoint_io import (
+    DEFAULT_MAX_SHARD_SIZE,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    CheckpointError,
+    CheckpointReader,
+    ShardedWriter,
+    TensorSpec,
+    parse_size,
+    staged_directory,
+)
 from .models import MOE_FAMILIES
-from .models.moe import NEW_EXPERTS_NAME, ORIGINAL_EXPERT_NAME, ROUTER_NAME
 
-MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+logger = logging.getLogger(__name__)
+
+MODEL_FILES = ("config.json", SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 
 class UpcyclingError(ValueError):
@@ -50,18 +70,81 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int] | None:
     return sorted(set(layers))
 
 
-def _check_request(model_path: Path, output_path: Path, num_experts: int, top_k: int) -> dict:
-    if num_experts < 2:
-        raise UpcyclingError(f"--num_experts must be at least 2 (the original FFN plus new experts), got {num_experts}.")
-    if not 1 <= top_k <= num_experts:
-        raise UpcyclingError(f"--topk must be between 1 and --num_experts ({num_experts}), got {top_k}.")
+def parse_expert_counts(spec: str, num_layers: int) -> dict[int, int]:
+    """``"0-9:2,10-29:4"`` -> experts per upcycled layer (``"5:3"`` names one layer); layers left out stay dense."""
+    counts: dict[int, int] = {}
+    for part in spec.split(","):
+        layers, _, count_text = part.strip().partition(":")
+        start_text, _, end_text = layers.partition("-")
+        try:
+            start, end, count = int(start_text), int(end_text or start_text), int(count_text)
+        except ValueError:
+            raise UpcyclingError(
+                f"--num_experts {spec!r}: {part.strip()!r} is not LAYERS:COUNT (per-layer counts look like "
+                "'0-9:2,10-29:4')."
+            ) from None
+        if not 0 <= start <= end < num_layers:
+            raise UpcyclingError(
+                f"--num_experts {spec!r}: {part.strip()!r} names layers outside 0..{num_layers - 1} "
+                "(or an empty range)."
+            )
+        if count < 2:
+            raise UpcyclingError(
+                f"--num_experts {spec!r}: {part.strip()!r} gives {count} experts; an upcycled layer needs at least 2 "
+                "(the original FFN plus new experts)."
+            )
+        overlap = [i for i in range(start, end + 1) if i in counts]
+        if overlap:
+            raise UpcyclingError(f"--num_experts {spec!r}: layer(s) {overlap} fall in more than one range.")
+        counts.update(dict.fromkeys(range(start, end + 1), count))
+    return counts
+
+
+def expert_layout(
+    num_experts: int | str, moe_layers: list[int] | str | None, top_k: int, num_layers: int
+) -> tuple[list[int] | None, int | list[int]]:
+    """``--num_experts`` (a count, or per-layer counts) and ``--moe_layers`` -> the config's ``moe_layers`` and
+    ``num_experts``. Per-layer counts that are all equal give a single count."""
+    text = str(num_experts).strip()
+    if ":" not in text:
+        try:
+            count = int(text)
+        except ValueError:
+            raise UpcyclingError(
+                f"--num_experts {text!r} is neither a count (like 4) nor per-layer counts (like '0-9:2,10-29:4')."
+            ) from None
+        if count < 2:
+            raise UpcyclingError(f"--num_experts must be at least 2 (the original FFN plus new experts), got {count}.")
+        if not 1 <= top_k <= count:
+            raise UpcyclingError(f"--topk must be between 1 and --num_experts ({count}), got {top_k}.")
+        if isinstance(moe_layers, list):
+            return parse_layers(",".join(map(str, moe_layers)), num_layers), count
+        return parse_layers(moe_layers, num_layers), count
+    if moe_layers is not None:
+        raise UpcyclingError(
+            f"--num_experts {text!r} names the upcycled layers itself; leave out --moe_layers ({moe_layers!r})."
+        )
+    counts = parse_expert_counts(text, num_layers)
+    if not 1 <= top_k <= min(counts.values()):
+        raise UpcyclingError(
+            f"--topk must be between 1 and the smallest expert count in --num_experts ({min(counts.values())}), "
+            f"got {top_k}."
+        )
+    layers = sorted(counts)
+    per_layer = [counts[i] for i in layers]
+    if len(set(per_layer)) > 1:
+        return layers, per_layer
+    return (None if layers == list(range(num_layers)) else layers), per_layer[0]
+
+
+def _check_paths(model_path: Path, output_path: Path) -> str:
+    """The dense model's ``model_type`` once the directories pass the checks."""
     config_file = model_path / "config.json"
     if not config_file.is_file():
         raise UpcyclingError(f"--model_path {model_path} is not a model directory (no config.json there).")
     if not any((model_path / f).is_file() for f in TOKENIZER_FILES):
         raise UpcyclingError(f"--model_path {model_path} has no tokenizer files; the upcycled checkpoint needs them.")
-    dense_config = json.loads(config_file.read_text())
-    model_type = dense_config.get("model_type")
+    model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type not in MOE_FAMILIES:
         if model_type and model_type.endswith("_moelpr"):
             raise UpcyclingError(f"{model_path} is already an upcycled MoE-LPR model ({model_type}).")
@@ -70,108 +153,231 @@ def _check_request(model_path: Path, output_path: Path, num_experts: int, top_k:
         )
     if output_path.exists() and (not output_path.is_dir() or any((output_path / f).exists() for f in MODEL_FILES)):
         raise UpcyclingError(f"--output_path {output_path} already holds a model; choose a new directory.")
-    return dense_config
+    return model_type
 
 
-def upcycle_state_dict(
-    dense_state: dict[str, torch.Tensor], moe_layers: list[int], num_experts: int, router_weights: dict[int, torch.Tensor]
+@dataclass
+class UpcyclingStep:
+    """Output tensors made from some dense tensors: a copy (``layer`` None, one input, one output) or an upcycled
+    layer's MoE block, whose tensors are named ``prefix`` + the block-relative names."""
+
+    outputs: list[TensorSpec] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+    layer: int | None = None
+    prefix: str = ""
+
+
+def _describe(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{names[0]} (and {len(names) - 1} more)"
+
+
+def _expected_tensors(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Shapes of the tensors a checkpoint of ``model`` stores: its state dict without the aliases of tied weights
+    (``lm_head.weight`` when the embeddings are tied), as ``save_pretrained`` writes it."""
+    seen: set[int] = set()
+    expected = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            expected[name] = tuple(tensor.shape)
+    return expected
+
+
+def _meta_rows(hidden_size: int, dtype: torch.dtype) -> Callable[[int], torch.Tensor]:
+    return lambda n: torch.empty(n, hidden_size, dtype=dtype, device="meta")
+
+
+def router_rows(
+    seed: int, layer: int, hidden_size: int, std: float, dtype: torch.dtype
+) -> Callable[[int], torch.Tensor]:
+    """``random_rows`` of one layer's block: ``randn(n, hidden) * std`` in ``dtype``. Each layer draws from its own
+    generator seeded from ``(seed, layer)``, so the values do not depend on the order tensors are written in;
+    successive calls continue the layer's stream."""
+    digest = hashlib.sha256(f"moelpr-upcycle/{seed}/{layer}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return lambda n: (torch.randn(n, hidden_size, generator=generator) * std).to(dtype)
+
+
+def plan_upcycling(reader: CheckpointReader, config, model_class: type) -> list[UpcyclingStep]:
+    """What to write, in the dense checkpoint's order, checked against the MoE model's own tensors (built on the
+    meta device, so nothing is allocated): an upcycled layer's block takes the place of its FFN's first tensor.
+
+    The block's ``upcycled_tensors`` runs here on meta tensors (names, shapes and dtypes only), and again on the
+    real tensors when they are written, so it must not read values and must make its tensors in a fixed order.
+    """
+    with torch.device("meta"):
+        meta_model = model_class(config)
+        expert = model_class.expert_class(config)
+    expected = _expected_tensors(meta_model)
+    ffn_shapes = {name: tuple(t.shape) for name, t in expert.state_dict().items()}
+    module_names = {id(module): name for name, module in meta_model.named_modules()}
+    prefixes = {i: module_names[id(meta_model.model.layers[i].mlp)] + "." for i in config.moe_layer_indices}
+    layer_of_prefix = {prefix: i for i, prefix in prefixes.items()}
+    block_class = model_class.moe_block_class(config)
+
+    steps: list[UpcyclingStep] = []
+    blocks: dict[int, UpcyclingStep] = {}
+    ignored = []
+    for name in reader.names():
+        prefix = name[: name.rfind(".mlp.") + len(".mlp.")] if ".mlp." in name else ""
+        layer = layer_of_prefix.get(prefix)
+        if layer is not None:
+            if layer not in blocks:
+                blocks[layer] = UpcyclingStep(layer=layer, prefix=prefix)
+                steps.append(blocks[layer])
+            blocks[layer].inputs.append(name)
+        elif name in expected:
+            spec = reader.spec(name)
+            if spec.shape != expected[name]:
+                raise UpcyclingError(
+                    f"{name} has shape {list(spec.shape)} in the checkpoint but {list(expected[name])} by its "
+                    "config.json; the dense checkpoint does not match its config."
+                )
+            steps.append(UpcyclingStep(outputs=[spec], inputs=[name]))
+        else:
+            ignored.append(name)
+    if ignored:
+        logger.warning("Left out %s: not a weight of the model (transformers ignores it too).", _describe(ignored))
+
+    family = config.model_type.removesuffix("_moelpr")
+    for layer, prefix in prefixes.items():
+        step = blocks.get(layer)
+        found = {name.removeprefix(prefix): reader.spec(name) for name in step.inputs} if step else {}
+        if set(found) != set(ffn_shapes):
+            raise UpcyclingError(
+                f"layer {layer}'s FFN ({prefix}*) holds {sorted(found) or 'no tensors'} in the checkpoint, but a "
+                f"{family} FFN has {sorted(ffn_shapes)}."
+            )
+        bad_shapes = [name for name, spec in found.items() if spec.shape != ffn_shapes[name]]
+        if bad_shapes:
+            raise UpcyclingError(
+                f"{prefix}{bad_shapes[0]} has shape {list(found[bad_shapes[0]].shape)} but "
+                f"{list(ffn_shapes[bad_shapes[0]])} by config.json; the dense checkpoint does not match its config."
+            )
+        ffn = {name: torch.empty(spec.shape, dtype=spec.dtype, device="meta") for name, spec in found.items()}
+        rows = _meta_rows(config.hidden_size, next(iter(ffn.values())).dtype)
+        block = block_class.upcycled_tensors(ffn, config.num_experts_of(layer), rows)
+        step.outputs = [TensorSpec(prefix + name, tuple(t.shape), t.dtype) for name, t in block.items()]
+
+    planned = {spec.name: spec.shape for step in steps for spec in step.outputs}
+    missing = [name for name in expected if name not in planned]
+    if missing:
+        raise UpcyclingError(f"the dense checkpoint lacks {_describe(missing)}, which its config.json implies.")
+    mismatched = [name for name in planned if expected.get(name) != planned[name]]
+    if mismatched:  # the block's upcycled_tensors disagrees with the block's own parameters
+        raise RuntimeError(
+            f"upcycled tensor {mismatched[0]} is not a tensor of {model_class.__name__} (or not its shape)"
+        )
+    return steps
+
+
+def _step_tensors(
+    reader: CheckpointReader, step: UpcyclingStep, config, block_class: type, seed: int
 ) -> dict[str, torch.Tensor]:
-    """Dense parameter names and tensors -> the MoE model's; FFN copies are independent tensors."""
-    moe_state = {}
-    for name, tensor in tqdm(dense_state.items(), desc="upcycling", unit="tensor", disable=None):
-        layer_idx = _ffn_layer(name)
-        if layer_idx is None or layer_idx not in moe_layers:
-            moe_state[name] = tensor
-            continue
-        prefix, suffix = name.split(".mlp.", 1)
-        moe_state[f"{prefix}.mlp.{ORIGINAL_EXPERT_NAME}.{suffix}"] = tensor
-        for j in range(num_experts - 1):
-            moe_state[f"{prefix}.mlp.{NEW_EXPERTS_NAME}.{j}.{suffix}"] = tensor.clone()
-        moe_state[f"{prefix}.mlp.{ROUTER_NAME}.weight"] = router_weights[layer_idx]
-    return moe_state
+    if step.layer is None:
+        return {step.outputs[0].name: reader.get(step.inputs[0])}
+    ffn = {name.removeprefix(step.prefix): reader.get(name) for name in step.inputs}
+    dtype = next(iter(ffn.values())).dtype
+    rows = router_rows(seed, step.layer, config.hidden_size, config.initializer_range, dtype)
+    block = block_class.upcycled_tensors(ffn, config.num_experts_of(step.layer), rows)
+    return {step.prefix + name: tensor for name, tensor in block.items()}
 
 
-def _ffn_layer(name: str) -> int | None:
-    parts = name.split(".")
-    if "mlp" not in parts or "layers" not in parts:
-        return None
-    return int(parts[parts.index("layers") + 1])
+def write_upcycled(
+    reader: CheckpointReader, steps: list[UpcyclingStep], writer: ShardedWriter, config, block_class: type, seed: int
+) -> None:
+    """Make and write the planned tensors, one step (one tensor, or one layer's block) in memory at a time."""
+    with tqdm(total=sum(len(step.outputs) for step in steps), desc="upcycling", unit="tensor", disable=None) as bar:
+        for step in steps:
+            tensors = _step_tensors(reader, step, config, block_class, seed)
+            while tensors:  # popped as written, so that no reference outlives the step
+                name = next(iter(tensors))
+                writer.write(name, tensors.pop(name))
+                bar.update()
 
 
 def upcycle(
-    model_path: str | os.PathLike,
-    output_path: str | os.PathLike,
-    num_experts: int = 4,
+    model_path: str | Path,
+    output_path: str | Path,
+    num_experts: int | str = 4,
     top_k: int = 2,
     moe_layers: list[int] | str | None = None,
     seed: int = 0,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
-    """Write the upcycled checkpoint (weights, config, tokenizer) of the dense model at ``model_path``.
+    """Write the upcycled checkpoint (weights, config, generation config, tokenizer) of the dense safetensors
+    checkpoint at ``model_path``.
 
-    The output appears whole or not at all: everything is written to a temporary sibling directory
-    that is renamed into place at the end.
+    ``num_experts`` is a count for every upcycled layer (``moe_layers`` picks them: ``None``/``"all"``,
+    ``"every:K"``, ``"0,2,5-7"`` or a list) or per-layer counts like ``"0-9:2,10-29:4"`` (layers left out stay
+    dense). Weights are written in shards of at most ``max_shard_size`` (``"5GB"``, bytes...). The output appears
+    whole or not at all (see :func:`~moelpr.checkpoint_io.staged_directory`).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.initialization import no_init_weights
+    from transformers import AutoConfig, AutoTokenizer
 
     model_path, output_path = Path(model_path), Path(output_path)
-    dense_config = _check_request(model_path, output_path, num_experts, top_k)
-    num_layers = dense_config["num_hidden_layers"]
-    if moe_layers is None or isinstance(moe_layers, str):
-        moe_layers = parse_layers(moe_layers, num_layers)
-
-    config_class, model_class = MOE_FAMILIES[dense_config["model_type"]]
-    dense = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
-    config = config_class.from_dense(
-        dense.config, num_experts=num_experts, num_experts_per_tok=top_k, moe_layers=moe_layers
-    )
-    dtype = dense.dtype
-    layer_indices = config.moe_layer_indices
-
-    generator = torch.Generator().manual_seed(seed)
-    router_weights = {
-        i: (torch.randn(num_experts, config.hidden_size, generator=generator) * config.initializer_range).to(dtype)
-        for i in layer_indices
-    }
-    state = upcycle_state_dict(dense.state_dict(), layer_indices, num_experts, router_weights)
-    del dense
-    # Every weight is overwritten below, so skip the random initialisation (slow on large models).
-    with no_init_weights():
-        moe = model_class(config).to(dtype)
-    moe.load_state_dict(state, strict=True, assign=True)
-    moe.tie_weights()
-
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
+    model_type = _check_paths(model_path, output_path)
     try:
-        moe.save_pretrained(staging)
-        AutoTokenizer.from_pretrained(model_path).save_pretrained(staging)
-        if output_path.exists():  # an empty directory passed the checks above
-            output_path.rmdir()
-        staging.rename(output_path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        max_shard_bytes = parse_size(max_shard_size)
+    except CheckpointError as error:
+        raise UpcyclingError(f"--max_shard_size: {error}.") from None
+    dense_config = AutoConfig.from_pretrained(model_path)
+    layers, counts = expert_layout(num_experts, moe_layers, top_k, dense_config.num_hidden_layers)
+    config_class, model_class = MOE_FAMILIES[model_type]
+    config = config_class.from_dense(dense_config, num_experts=counts, num_experts_per_tok=top_k, moe_layers=layers)
+    config.architectures = [model_class.__name__]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+
+    try:
+        with CheckpointReader(model_path) as reader:
+            steps = plan_upcycling(reader, config, model_class)
+            with staged_directory(output_path) as staging:
+                layout = [spec for step in steps for spec in step.outputs]
+                writer = ShardedWriter(staging, layout, max_shard_bytes)
+                try:
+                    write_upcycled(reader, steps, writer, config, model_class.moe_block_class(config), seed)
+                finally:
+                    writer.close()
+                writer.finish()
+                config.save_pretrained(staging)
+                if (model_path / GENERATION_CONFIG_NAME).is_file():
+                    shutil.copyfile(model_path / GENERATION_CONFIG_NAME, staging / GENERATION_CONFIG_NAME)
+                tokenizer.save_pretrained(staging)
+    except CheckpointError as error:  # an unreadable dense checkpoint (a truncated shard shows only when read)
+        raise UpcyclingError(f"{error}.") from None
     return output_path
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Upcycle a dense LLaMA/Qwen2 checkpoint into an MoE-LPR model.")
-    parser.add_argument("--model_path", required=True, help="dense HF checkpoint directory")
+    parser.add_argument("--model_path", required=True, help="dense HF checkpoint directory (safetensors weights)")
     parser.add_argument("--output_path", required=True, help="new directory for the MoE checkpoint")
-    parser.add_argument("--num_experts", type=int, default=4, help="experts per MoE layer, expert 0 = original FFN")
+    parser.add_argument(
+        "--num_experts",
+        default="4",
+        help="experts per MoE layer, expert 0 = original FFN (default 4); or per-layer counts like '0-9:2,10-29:4' "
+        "(layers left out stay dense; not with --moe_layers)",
+    )
     parser.add_argument("--topk", type=int, default=2, help="experts per token")
     parser.add_argument(
         "--moe_layers", default=None, help="'all' (default), 'every:K', or indices like '0,2,5-7'; other layers stay dense"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the router initialisation")
+    parser.add_argument(
+        "--max_shard_size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"largest weight file written, as in save_pretrained (default {DEFAULT_MAX_SHARD_SIZE}; e.g. 2GB, 500MB)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        out = upcycle(args.model_path, args.output_path, args.num_experts, args.topk, args.moe_layers, args.seed)
+        out = upcycle(
+            args.model_path, args.output_path, args.num_experts, args.topk, args.moe_layers, args.seed,
+            args.max_shard_size,
+        )
     except UpcyclingError as error:
         print(f"moelpr upcycle: error: {error}", file=sys.stderr)
         return 2

@@ -66,6 +66,14 @@ def gemma3_dense_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def per_layer_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """Upcycled with different expert counts per layer (layer 1 stays dense)."""
+    from moelpr.upcycling import upcycle
+
+    return upcycle(tiny_llama_dir, tmp_path_factory.mktemp("per_layer") / "moe", num_experts="0:2,2-3:3", top_k=2)
+
+
+@pytest.fixture(scope="session")
 def moect_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
     from tiny_models import save_moect_model
 

@@ -147,6 +147,26 @@ def test_eval_command_rejects_mistakes_in_one_line(args, message, tiny_llama_dir
     assert not (tmp_path / "out").exists()
 
 
+def test_report_of_a_model_with_per_layer_expert_counts(per_layer_llama_dir, heldout_files, tmp_path):
+    out = tmp_path / "report"
+    argv = ["--model", f"moe={per_layer_llama_dir}", "--output_dir", str(out), "--cutoff_len", "16",
+            "--max_tokens", "40", "--old_languages", "en"]
+    for lang, path in heldout_files.items():
+        argv += ["--heldout", f"{lang}={path}"]
+    assert eval_main(argv) == 0
+    routing = json.loads((out / "routing.json").read_text())["moe"]
+    assert (routing["layers"], routing["num_experts"]) == ([0, 2, 3], [2, 3, 3])
+    for lang in ("en", "hu"):
+        assert [len(p) for p in routing["languages"][lang]["mean_router_prob"]] == [2, 3, 3]
+    assert matplotlib.image.imread(out / "routing_heatmap.png").shape[0] > 300
+    assert check_report(out, models=["moe"], languages=["en", "hu"]) == []
+
+    routing["num_experts"] = 3  # the per-layer lists no longer match what the entry says
+    (out / "routing.json").write_text(json.dumps({"moe": routing}))
+    problem = "router probabilities do not list each layer's experts"
+    assert check_report(out) == [f"moe/{lang}: {problem}" for lang in ("en", "hu")]
+
+
 def test_eval_reports_the_fusion_weights_of_a_moect_model(tiny_llama_dir, moect_llama_dir, heldout_files, tmp_path):
     # A fusion bias of (0, ln 3) puts weight 3/4 on the frozen FFN for every token in layer 2; the others keep
     # the upcycled zero fusion layer (weight 1/2).

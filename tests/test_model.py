@@ -32,17 +32,23 @@ def llama_moe(upcycled_llama_dir):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("top_k,moe_layers", [(2, None), (1, "1,3")])
-def test_upcycled_model_computes_the_dense_function(family, top_k, moe_layers, request, tmp_path):
+@pytest.mark.parametrize(
+    "num_experts,top_k,moe_layers,expected_counts",
+    [(4, 2, None, [4, 4, 4, 4]), (4, 1, "1,3", [None, 4, None, 4]), ("0:3,2-3:2", 2, None, [3, None, 2, 2])],
+)
+def test_upcycled_model_computes_the_dense_function(
+    family, num_experts, top_k, moe_layers, expected_counts, request, tmp_path
+):
     dense_dir = request.getfixturevalue(f"tiny_{family}_dir")
-    out = upcycle(dense_dir, tmp_path / "moe", num_experts=4, top_k=top_k, moe_layers=moe_layers, seed=3)
+    out = upcycle(dense_dir, tmp_path / "moe", num_experts=num_experts, top_k=top_k, moe_layers=moe_layers, seed=3)
     dense = AutoModelForCausalLM.from_pretrained(dense_dir)
     moe = AutoModelForCausalLM.from_pretrained(out)
     assert type(moe).__name__ == f"{'Llama' if family == 'llama' else 'Qwen2'}MoELPRForCausalLM"
-    expected_layers = [1, 3] if moe_layers else [0, 1, 2, 3]
-    assert [isinstance(layer.mlp, moelpr.models.MoELPRSparseBlock) for layer in moe.model.layers] == [
-        i in expected_layers for i in range(4)
+    counts = [
+        len(layer.mlp.experts()) if isinstance(layer.mlp, moelpr.models.MoELPRSparseBlock) else None
+        for layer in moe.model.layers
     ]
+    assert counts == expected_counts
     batch = _batch(dense.config.vocab_size)
     with torch.no_grad():
         dense_logits = dense(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

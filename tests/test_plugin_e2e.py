@@ -91,6 +91,27 @@ def test_routing_statistics_are_logged_every_step(stage_outputs):
     assert stage2_log[-1]["lpr_loss"] < stage2_log[0]["lpr_loss"]
 
 
+def test_stage1_on_a_model_with_per_layer_expert_counts(per_layer_llama_dir, tmp_path):
+    out = train(
+        tmp_path,
+        "per_layer",
+        model_name_or_path=str(per_layer_llama_dir),
+        moelpr_stage="post_pretrain",
+        dataset="new_hu",
+        learning_rate=1e-3,
+        max_steps=2,
+    )
+    diff = changed(weights(per_layer_llama_dir), weights(out))
+    assert all(".mlp.router." in k or ".mlp.new_experts." in k for k in diff), diff
+    assert {k for k in diff if ".mlp.router." in k} == {f"model.layers.{i}.mlp.router.weight" for i in (0, 2, 3)}
+    assert json.loads((out / "config.json").read_text())["num_experts"] == [2, 3, 3]
+    logged = [entry for entry in routing_log(out) if "loss" in entry]
+    assert len(logged) == 2
+    for entry in logged:  # shares over the largest expert count; layer 0 has no expert 2 and counts 0 for it
+        assert "expert_share_3" not in entry
+        assert abs(sum(entry[f"expert_share_{i}"] for i in range(3)) - 1) < 1e-3, entry
+
+
 def test_stage2_output_loads_in_llamafactory_chat(stage_outputs):
     """The startup hook registers the model types for LLaMA-Factory's inference commands too."""
     probe = (

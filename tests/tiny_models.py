@@ -32,25 +32,35 @@ def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<pad>")
 
 
-def save_dense_model(path: Path, family: str = "llama", num_layers: int = 4, seed: int = 0, **overrides) -> Path:
-    """A tiny random dense model of ``family`` and its tokenizer, saved at ``path``."""
+def save_dense_model(
+    path: Path,
+    family: str = "llama",
+    num_layers: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+    **config_fields,
+) -> Path:
+    """A random dense model of ``family`` and its tokenizer, saved at ``path``: tiny unless ``config_fields``
+    (``hidden_size=2048``, ``vocab_size=32000``...) say otherwise; a larger vocabulary than the tokenizer's is
+    allowed, its extra ids just never come out of the tokenizer."""
     tokenizer = build_tokenizer()
-    config = FAMILIES[family](
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        **overrides,
-    )
+    fields = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+        **config_fields,
+    }
+    config = FAMILIES[family](num_hidden_layers=num_layers, **fields)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(path)
     return path
 

@@ -26,6 +26,12 @@ def _check_png(path: Path, problems: list[str]) -> None:
         problems.append(f"{path.name} is only {image.shape[1]}x{image.shape[0]} pixels")
 
 
+def _experts_per_layer(entry: dict) -> list[int]:
+    """``num_experts`` of a routing.json entry, one count for every layer or one per layer, as a list per layer."""
+    counts = entry["num_experts"]
+    return list(counts) if isinstance(counts, list) else [counts] * len(entry["layers"])
+
+
 def check_report(report_dir: Path, models: Sequence[str] = (), languages: Sequence[str] = (), runs: bool = False) -> list[str]:
     """Problems found in the report in ``report_dir``; ``models`` / ``languages`` must all be present."""
     problems: list[str] = []
@@ -76,7 +82,9 @@ def check_report(report_dir: Path, models: Sequence[str] = (), languages: Sequen
                     problems.append(f"{name}/{lang}: routing has not one value per MoE layer")
                 elif not all(0.0 <= s <= 1.0 for s in ffn_use):
                     problems.append(f"{name}/{lang}: {ffn_key} outside [0, 1]")
-                elif not all(len(p) == entry["num_experts"] and math.isclose(sum(p), 1.0, rel_tol=1e-3) for p in probs):
+                elif not [len(p) for p in probs] == [len(t) for t in top1] == _experts_per_layer(entry):
+                    problems.append(f"{name}/{lang}: router probabilities do not list each layer's experts")
+                elif not all(math.isclose(sum(p), 1.0, rel_tol=1e-3) for p in probs):
                     problems.append(f"{name}/{lang}: router probabilities do not sum to 1 over the experts")
                 elif not all(math.isclose(sum(t), 1.0, rel_tol=1e-6) for t in top1):
                     problems.append(f"{name}/{lang}: top-1 shares do not sum to 1 over the experts")

@@ -29,17 +29,25 @@ def _annotated_heatmap(fig, ax, values: np.ndarray, row_labels: Sequence[str], c
     fig.colorbar(image, ax=ax, shrink=0.8)
 
 
+def _padded(per_layer: Sequence[Sequence[float]]) -> np.ndarray:
+    """Per-layer lists of per-expert values as one array, zeros where a layer has fewer experts."""
+    width = max(len(values) for values in per_layer)
+    return np.array([list(values) + [0.0] * (width - len(values)) for values in per_layer])
+
+
 def routing_heatmap(routing: Mapping[str, Mapping], languages: Sequence[str], old_languages: set[str], path: Path) -> None:
     """One column per MoE model. Top: how much each MoE layer uses the original FFN, per language, on a fixed 0-1
     scale so models compare at a glance: for MoE-LPR the share of tokens whose top-1 expert is expert 0 (the
     original FFN), for MoE-CT the mean fusion weight on the frozen FFN. Bottom: each expert's router probability
     averaged over tokens and layers, per language, on a scale fitted to the values (they often differ only in
-    the second decimal)."""
+    the second decimal); where layers have different numbers of experts, a layer without expert ``e`` counts 0
+    for it, as the training logs' ``expert_share_{e}`` does."""
     models = list(routing)
     num_layers = max(len(routing[m]["layers"]) for m in models)
     labels = [f"{lang}\n({'old' if lang in old_languages else 'new'})" for lang in languages]
     probs = {
-        m: np.array([np.mean(routing[m]["languages"][lang]["mean_router_prob"], axis=0) for lang in languages]) for m in models
+        m: np.array([np.mean(_padded(routing[m]["languages"][lang]["mean_router_prob"]), axis=0) for lang in languages])
+        for m in models
     }
     prob_range = (min(p.min() for p in probs.values()), max(p.max() for p in probs.values()))
     fig, axes = plt.subplots(

@@ -75,7 +75,7 @@ def routing_report(config, per_language: Mapping[str, LanguageResult], old_langu
     return {
         "method": method,
         "layers": moe_layer_indices(config),
-        "num_experts": config.num_experts,
+        "num_experts": config.num_experts,  # one count, or one per entry of "layers"
         "top_k": config.num_experts_per_tok,
         "languages": languages,
     }
