@@ -75,6 +75,7 @@ def per_layer_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def moect_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
-    from tiny_models import save_moect_model
+    """Upcycled for MoE-CT with the method's defaults: 2 routed experts, top-1, every layer."""
+    from moelpr.upcycling import upcycle
 
-    return save_moect_model(tiny_llama_dir, tmp_path_factory.mktemp("moect") / "moe")
+    return upcycle(tiny_llama_dir, tmp_path_factory.mktemp("moect") / "moe", method="moe_ct")

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from tiny_models import save_moect_model
 from transformers import AutoModelForCausalLM
 
 import moelpr
 from moelpr.models import MoECTBlock, fusion_stats
+from moelpr.upcycling import upcycle
 
 torch.set_num_threads(2)
 
@@ -48,7 +48,7 @@ def _perturb(model, seed: int = 0) -> None:
 @pytest.mark.parametrize("num_experts,top_k,moe_layers", [(2, 1, None), (3, 2, [1, 3])])
 def test_upcycled_moect_model_computes_the_dense_function(family, num_experts, top_k, moe_layers, request, tmp_path):
     dense_dir = request.getfixturevalue(f"tiny_{family}_dir")
-    out = save_moect_model(dense_dir, tmp_path / "ct", num_experts=num_experts, top_k=top_k, moe_layers=moe_layers)
+    out = upcycle(dense_dir, tmp_path / "ct", num_experts, top_k, moe_layers, seed=3, method="moe_ct")
     assert json.loads((out / "config.json").read_text())["moe_method"] == "ct"
     dense = AutoModelForCausalLM.from_pretrained(dense_dir)
     moe = AutoModelForCausalLM.from_pretrained(out)

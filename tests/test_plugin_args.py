@@ -237,13 +237,14 @@ def test_moect_recipe_parses_with_the_authors_settings(moect_llama_dir, tmp_path
 @pytest.mark.parametrize("train_embeddings", [True, False])
 def test_moect_freeze_rules_with_tied_embeddings(tmp_path, train_embeddings):
     """Tied input and output embeddings are one tensor: it trains once (or not at all) with the MoE-CT modules."""
-    from tiny_models import save_dense_model, save_moect_model
+    from tiny_models import save_dense_model
     from transformers import AutoModelForCausalLM
 
     from moelpr.llamafactory_plugin.model import setup_moelpr_tuning
+    from moelpr.upcycling import upcycle
 
     dense = save_dense_model(tmp_path / "dense", "qwen2", num_layers=2, tie_word_embeddings=True)
-    model = AutoModelForCausalLM.from_pretrained(save_moect_model(dense, tmp_path / "ct", moe_layers=[1]))
+    model = AutoModelForCausalLM.from_pretrained(upcycle(dense, tmp_path / "ct", moe_layers=[1], method="moe_ct"))
     setup_moelpr_tuning(model, "post_pretrain", upcast_trainable=False, train_embeddings=train_embeddings)
     trained = {name for name, param in model.named_parameters() if param.requires_grad}
     moe = {name for name, _ in model.named_parameters() if name.startswith("model.layers.1.mlp.")}

@@ -63,38 +63,3 @@ def save_dense_model(
     model.save_pretrained(path, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(path)
     return path
-
-
-def save_moect_model(
-    dense_dir: Path, path: Path, num_experts: int = 2, top_k: int = 1, moe_layers: list[int] | None = None, seed: int = 0
-) -> Path:
-    """The MoE-CT checkpoint upcycled from the dense checkpoint at ``dense_dir``, built from the block's own
-    ``upcycled_tensors`` (what the upcycler writes), saved with the tokenizer at ``path``."""
-    from transformers import AutoTokenizer
-
-    from moelpr.models import MOE_FAMILIES
-
-    dense = AutoModelForCausalLM.from_pretrained(dense_dir)
-    config_class, model_class = MOE_FAMILIES[dense.config.model_type]
-    config = config_class.from_dense(
-        dense.config, moe_method="ct", num_experts=num_experts, num_experts_per_tok=top_k, moe_layers=moe_layers
-    )
-    block_class = model_class.moe_block_class(config)
-    generator = torch.Generator().manual_seed(seed)
-    dense_state = dense.state_dict()
-    state = {name: tensor for name, tensor in dense_state.items() if ".mlp." not in name}
-    for layer_idx in range(config.num_hidden_layers):
-        prefix = f"model.layers.{layer_idx}.mlp."
-        ffn = {name[len(prefix):]: tensor for name, tensor in dense_state.items() if name.startswith(prefix)}
-        if not config.is_moe_layer(layer_idx):
-            state.update({prefix + name: tensor for name, tensor in ffn.items()})
-            continue
-        tensors = block_class.upcycled_tensors(
-            ffn, num_experts, lambda n: torch.randn(n, config.hidden_size, generator=generator) * config.initializer_range
-        )
-        state.update({prefix + name: tensor for name, tensor in tensors.items()})
-    model = model_class(config)
-    model.load_state_dict(state, strict=True)
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(dense_dir).save_pretrained(path)
-    return path
