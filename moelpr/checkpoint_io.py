@@ -15,7 +15,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from math import prod
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
+from tqdm import tqdm
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -283,6 +284,31 @@ class ShardedWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+TensorSource = Callable[[Callable[[str], torch.Tensor]], Iterable[tuple[str, torch.Tensor]]]
+
+
+def write_derived_tensors(
+    directory: str | os.PathLike, reader: CheckpointReader, derive: TensorSource, max_shard_bytes: int, desc: str
+) -> list[Path]:
+    """Write the tensors ``derive(get)`` yields from a checkpoint's tensors (``get(name)``) into shards.
+
+    ``derive`` runs twice: first on meta tensors (shapes and dtypes from the headers, nothing read or
+    allocated) to plan the shards, then on the real tensors, each written as soon as it is yielded.
+    """
+    layout = [
+        TensorSpec(name, tuple(tensor.shape), tensor.dtype)
+        for name, tensor in derive(lambda name: torch.empty(reader.spec(name).shape, dtype=reader.spec(name).dtype,
+                                                              device="meta"))
+    ]
+    writer = ShardedWriter(directory, layout, max_shard_bytes)
+    try:
+        for name, tensor in tqdm(derive(reader.get), total=len(layout), desc=desc, unit="tensor", disable=None):
+            writer.write(name, tensor)
+    finally:
+        writer.close()
+    return writer.finish()
 
 
 @contextmanager

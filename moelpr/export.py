@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from .checkpoint_io import (
     CheckpointError,
     CheckpointReader,
-    ShardedWriter,
     parse_size,
     staged_directory,
+    write_derived_tensors,
 )
 from .models import MOE_FAMILIES
 from .models.moe import NEW_EXPERTS_NAME, ORIGINAL_EXPERT_NAME, ROUTER_NAME
@@ -375,14 +374,16 @@ def _check_source_tensors(plan: ExportPlan, reader: CheckpointReader) -> None:
         )
 
 
-def export_tensors(plan: ExportPlan, reader: CheckpointReader) -> Iterator[tuple[str, torch.Tensor]]:
-    """The export's tensors, in the source's order, one source tensor in memory at a time; floating
-    tensors in the config's dtype (how transformers loads the source)."""
+def export_tensors(
+    plan: ExportPlan, names: list[str], get: Callable[[str], torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The export's tensors from the source's (``names`` in order, ``get(name)``), one source tensor in memory at a
+    time; floating tensors in the config's dtype (how transformers loads the source)."""
     dtype = plan.config.dtype
-    for name in reader.names():
+    for name in names:
         if name == "lm_head.weight" and plan.config.tie_word_embeddings:
             continue
-        tensor = reader.get(name)
+        tensor = get(name)
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         targets = _target_names(plan, name)
@@ -418,11 +419,11 @@ def write_export(plan: ExportPlan, output_path: str | os.PathLike, max_shard_siz
     with CheckpointReader(plan.model_path) as reader:
         _check_source_tensors(plan, reader)
         with staged_directory(output_path) as staging:
-            writer = ShardedWriter(staging, max_shard_bytes)
-            tensors = export_tensors(plan, reader)
-            for name, tensor in tqdm(tensors, desc=f"exporting to {plan.target.name}", unit="tensor", disable=None):
-                writer.add(name, tensor)
-            writer.finish()
+            names = reader.names()
+            write_derived_tensors(
+                staging, reader, lambda get: export_tensors(plan, names, get), max_shard_bytes,
+                desc=f"exporting to {plan.target.name}",
+            )
             (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             for path in sidecars:
                 shutil.copy2(path, staging / path.name)

@@ -20,13 +20,13 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from .checkpoint_io import CheckpointError, CheckpointReader, ShardedWriter, parse_size, staged_directory
+from .checkpoint_io import CheckpointError, CheckpointReader, parse_size, staged_directory, write_derived_tensors
 from .upcycling import TOKENIZER_FILES
 
 # Files beside the weights that belong to the expanded model too: tokenizer, chat template, generation defaults,
@@ -176,22 +176,19 @@ def expand(
     with CheckpointReader(model_path) as reader:
         layers = _layer_tensors(reader, family, num_layers)
         other_names = [name for name in reader.names() if not name.startswith(family.layers_prefix)]
-        total = sum(len(layers[source]) for source, _ in plan) + len(other_names)
-        progress = tqdm(total=total, desc="expanding", unit="tensor", disable=None)
-        with staged_directory(output_path) as staging, progress as bar:
-            writer = ShardedWriter(staging, max_shard_bytes)
+
+        def expanded_tensors(get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
             for target, (source, new) in enumerate(plan):
                 for suffix in layers[source]:
-                    tensor = reader.get(f"{family.layers_prefix}{source}.{suffix}")
-                    if new:
-                        # A second read of a tensor may share the first one's memory, which safetensors refuses.
-                        tensor = torch.zeros_like(tensor) if _starts_at_zero(suffix, family) else tensor.clone()
-                    writer.add(f"{family.layers_prefix}{target}.{suffix}", tensor)
-                    bar.update()
+                    tensor = get(f"{family.layers_prefix}{source}.{suffix}")
+                    if new and _starts_at_zero(suffix, family):
+                        tensor = torch.zeros_like(tensor)
+                    yield f"{family.layers_prefix}{target}.{suffix}", tensor
             for name in other_names:  # embeddings, final norm, an untied lm_head: unchanged
-                writer.add(name, reader.get(name))
-                bar.update()
-            writer.finish()
+                yield name, get(name)
+
+        with staged_directory(output_path) as staging:
+            write_derived_tensors(staging, reader, expanded_tensors, max_shard_bytes, desc="expanding")
             (staging / "config.json").write_text(json.dumps(expanded_config, indent=2, sort_keys=True) + "\n")
             for pattern in AUXILIARY_FILE_PATTERNS:
                 for path in model_path.glob(pattern):

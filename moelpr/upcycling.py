@@ -38,6 +38,15 @@ from .checkpoint_io import (
     parse_size,
     staged_directory,
 )
+from .layer_allocation import (
+    DEFAULT_MAX_TOKENS,
+    AllocationError,
+    allocate_for_checkpoint,
+    check_request,
+    parse_auto_budget,
+    split_paths,
+    write_allocation,
+)
 from .models import MOE_FAMILIES
 from .models.configuration import CT, DEFAULT_EXPERTS, METHOD_NAMES
 
@@ -316,6 +325,9 @@ def upcycle(
     moe_layers: list[int] | str | None = None,
     seed: int = 0,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    new_corpora: list[Path] | None = None,
+    old_corpora: list[Path] | None = None,
+    allocation_max_tokens: int = DEFAULT_MAX_TOKENS,
     method: str = "moe_lpr",
 ) -> Path:
     """Write the upcycled checkpoint (weights, config, generation config, tokenizer) of the dense safetensors
@@ -323,10 +335,13 @@ def upcycle(
 
     ``method`` is ``"moe_lpr"`` or ``"moe_ct"``. ``num_experts`` is a count for every upcycled layer (``moe_layers``
     picks them: ``None``/``"all"``, ``"every:K"``, ``"0,2,5-7"`` or a list) or per-layer counts like
-    ``"0-9:2,10-29:4"`` (layers left out stay dense); MoE-LPR counts the original FFN as expert 0, MoE-CT counts
-    the routed experts only. ``num_experts`` and ``top_k`` default to the method's (4 and 2 for MoE-LPR, 2 and 1
-    for MoE-CT). Weights are written in shards of at most ``max_shard_size`` (``"5GB"``, bytes...). The output
-    appears whole or not at all (see :func:`~moelpr.checkpoint_io.staged_directory`).
+    ``"0-9:2,10-29:4"`` (layers left out stay dense), or ``"auto:K"`` (MoE-LPR only): K new experts spread over the
+    layers (``moe_layers`` the candidates) by the cross-lingual similarity of the dense model's hidden states on
+    ``new_corpora`` and ``old_corpora`` (LayerMoE; see :mod:`moelpr.layer_allocation`), the measurement saved as
+    ``layer_allocation.json``. MoE-LPR counts the original FFN as expert 0, MoE-CT counts the routed experts only;
+    ``num_experts`` and ``top_k`` default to the method's (4 and 2 for MoE-LPR, 2 and 1 for MoE-CT). Weights are
+    written in shards of at most ``max_shard_size`` (``"5GB"``, bytes...). The output appears whole or not at all
+    (see :func:`~moelpr.checkpoint_io.staged_directory`).
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -338,11 +353,34 @@ def upcycle(
     top_k = default_top_k if top_k is None else top_k
     model_path, output_path = Path(model_path), Path(output_path)
     model_type = _check_paths(model_path, output_path)
+    budget = parse_auto_budget(str(num_experts))
+    if budget is not None and moe_method == CT:
+        raise UpcyclingError(
+            "--num_experts auto:K spreads MoE-LPR's new experts (the original FFN being expert 0) and is not "
+            "available with --method moe_ct; give a count or per-layer counts of routed experts."
+        )
+    if budget is None and (new_corpora or old_corpora):
+        raise UpcyclingError("--new_corpus and --old_corpus are read only with --num_experts auto:K.")
+    if budget is not None:
+        check_request(budget, new_corpora or [], old_corpora or [])
+        if top_k > 2:
+            raise UpcyclingError(
+                f"--topk {top_k} with --num_experts auto:{budget}: a layer may get a single new expert (2 in all), "
+                "so top-k can be at most 2."
+            )
     try:
         max_shard_bytes = parse_size(max_shard_size)
     except CheckpointError as error:
         raise UpcyclingError(f"--max_shard_size: {error}.") from None
     dense_config = AutoConfig.from_pretrained(model_path)
+    allocation = None
+    if budget is not None:
+        candidates = parse_layers(moe_layers, dense_config.num_hidden_layers) if isinstance(moe_layers, str) else moe_layers
+        allocation = allocate_for_checkpoint(
+            model_path, budget, new_corpora, old_corpora, layers=candidates, max_tokens=allocation_max_tokens
+        )
+        logger.info("LayerMoE allocation of %d new experts:\n%s", budget, allocation.table())
+        num_experts, moe_layers = allocation.spec, None
     layers, counts = expert_layout(num_experts, moe_layers, top_k, dense_config.num_hidden_layers, moe_method)
     config_class, model_class = MOE_FAMILIES[model_type]
     config = config_class.from_dense(
@@ -366,6 +404,8 @@ def upcycle(
                 if (model_path / GENERATION_CONFIG_NAME).is_file():
                     shutil.copyfile(model_path / GENERATION_CONFIG_NAME, staging / GENERATION_CONFIG_NAME)
                 tokenizer.save_pretrained(staging)
+                if allocation is not None:
+                    write_allocation(allocation, staging)
     except CheckpointError as error:  # an unreadable dense checkpoint (a truncated shard shows only when read)
         raise UpcyclingError(f"{error}.") from None
     return output_path
@@ -389,13 +429,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="experts per MoE layer: for moe_lpr expert 0 = original FFN (default 4), for moe_ct the routed experts "
         "beside the FFN (default 2); or per-layer counts like '0-9:2,10-29:4' (layers left out stay dense; not "
-        "with --moe_layers)",
+        "with --moe_layers); or, for moe_lpr, 'auto:K': K new experts spread over the layers by the cross-lingual "
+        "similarity of hidden states on --new_corpus / --old_corpus (LayerMoE; --moe_layers then names the "
+        "candidate layers)",
     )
     parser.add_argument("--topk", type=int, default=None, help="experts per token (default 2 for moe_lpr, 1 for moe_ct)")
     parser.add_argument(
         "--moe_layers", default=None, help="'all' (default), 'every:K', or indices like '0,2,5-7'; other layers stay dense"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the router initialisation")
+    parser.add_argument("--new_corpus", type=split_paths, default=None, metavar="FILE[,FILE]",
+                        help="with auto:K: jsonl texts ({\"text\": ...}) of the new languages, comma-separated")
+    parser.add_argument("--old_corpus", type=split_paths, default=None, metavar="FILE[,FILE]",
+                        help="with auto:K: jsonl texts of the languages the model already knows")
+    parser.add_argument("--allocation_max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help=f"with auto:K: tokens read from each corpus (default {DEFAULT_MAX_TOKENS})")
     parser.add_argument(
         "--max_shard_size",
         default=DEFAULT_MAX_SHARD_SIZE,
@@ -409,9 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = upcycle(
             args.model_path, args.output_path, args.num_experts, args.topk, args.moe_layers, args.seed,
-            args.max_shard_size, args.method,
+            args.max_shard_size, args.new_corpus, args.old_corpus, args.allocation_max_tokens, method=args.method,
         )
-    except UpcyclingError as error:
+    except (UpcyclingError, AllocationError) as error:
         print(f"moelpr upcycle: error: {error}", file=sys.stderr)
         return 2
     print(f"Upcycled checkpoint written to {out}")

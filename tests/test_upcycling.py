@@ -119,6 +119,7 @@ def _broken_dense_dirs(dense_dir: Path, tmp_path: Path) -> dict[str, Path]:
         ("ct spec without experts", ["--method", "moe_ct", "--num_experts", "0-1:0,2-3:2"],
          "'0-1:0' gives 0 experts; an upcycled layer needs at least 1 (one routed expert beside the original FFN)"),
         ("ct topk", ["--method", "moe_ct", "--topk", "3"], "--topk must be between 1 and --num_experts (2), got 3"),
+        ("ct auto", ["--method", "moe_ct", "--num_experts", "auto:4"], "is not available with --method moe_ct"),
     ],
 )
 def test_bad_requests_get_one_clear_line_and_write_nothing(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..jsonl_texts import iter_jsonl_texts
 from ..models.configuration import CT, LPR
 from ..tokenization import restore_add_bos_token
 from .perplexity import LanguageResult, evaluate_language, token_blocks
@@ -20,16 +21,7 @@ logger = logging.getLogger(__name__)
 
 def read_texts(path: Path, text_field: str = "text") -> list[str]:
     """The ``text_field`` of every line of a jsonl file."""
-    texts = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if text_field not in record:
-                raise ValueError(f"{path}:{number} has no {text_field!r} field")
-            texts.append(record[text_field])
-    return texts
+    return list(iter_jsonl_texts(path, text_field))
 
 
 def load_model(path: Path, dtype: torch.dtype):
