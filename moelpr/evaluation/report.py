@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,7 +49,7 @@ def moe_layer_indices(config) -> list[int]:
     return list(config.moe_layers) if config.moe_layers is not None else list(range(config.num_hidden_layers))
 
 
-def routing_report(config, per_language: Mapping[str, LanguageResult], old_languages: set[str]) -> dict:
+def routing_report(config: Any, per_language: Mapping[str, LanguageResult], old_languages: set[str]) -> dict:
     """routing.json's entry for one MoE model: per language and MoE layer, each expert's top-1 share and mean
     router probability, and how much the original FFN is used: MoE-LPR's share of tokens whose top-1 expert is
     expert 0 (``expert0_top1_share``), MoE-CT's mean fusion weight on the frozen FFN (``ffn_fusion_weight``;
