@@ -3,8 +3,9 @@
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .llama_moelpr import LlamaMoELPRConfig, LlamaMoELPRForCausalLM
-from .modeling import MoELPRCausalLMOutputWithPast, MoELPRForCausalLMMixin
+from .modeling import MOE_BLOCK_CLASSES, MoELPRCausalLMOutputWithPast, MoELPRForCausalLMMixin
 from .moe import MoELPRSparseBlock, routing_stats
+from .moe_ct import MoECTBlock, fusion_stats
 from .qwen2_moelpr import Qwen2MoELPRConfig, Qwen2MoELPRForCausalLM
 
 # Dense model_type -> the MoE-LPR classes that upcycle it.
@@ -18,13 +19,16 @@ for _config_class, _model_class in MOE_FAMILIES.values():
     AutoModelForCausalLM.register(_config_class, _model_class, exist_ok=True)
 
 __all__ = [
+    "MOE_BLOCK_CLASSES",
     "MOE_FAMILIES",
     "LlamaMoELPRConfig",
     "LlamaMoELPRForCausalLM",
+    "MoECTBlock",
     "MoELPRCausalLMOutputWithPast",
     "MoELPRForCausalLMMixin",
     "MoELPRSparseBlock",
     "Qwen2MoELPRConfig",
     "Qwen2MoELPRForCausalLM",
+    "fusion_stats",
     "routing_stats",
 ]
