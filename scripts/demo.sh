@@ -5,6 +5,8 @@
 #
 #   bash scripts/demo.sh            # the demo (~30 min on 2 cores), outputs in work/demo/
 #   bash scripts/demo.sh --quick    # same pipeline, tiny corpora and a few steps (CI), outputs in work/demo-quick/
+#   bash scripts/demo.sh --compare  # also LoRA, LLaMA-Pro and review without LPR, 16k evaluated tokens per language,
+#                                   # and the comparison table and picture (scripts/compare.sh), in work/compare/
 #
 # Every step whose output exists is skipped, so a second run only redoes what is missing; delete a step's
 # output directory to redo it. Environment overrides: MOELPR_DEMO_DIR (outputs), MOELPR_CACHE_DIR (downloads
@@ -13,24 +15,30 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 QUICK=${MOELPR_DEMO_QUICK:-0}
+COMPARE=0
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK=1 ;;
-        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "demo.sh: unknown option $arg (use --quick or --help)" >&2; exit 2 ;;
+        --compare) COMPARE=1 ;;
+        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "demo.sh: unknown option $arg (use --quick, --compare or --help)" >&2; exit 2 ;;
     esac
 done
+NAME=demo
+[ "$COMPARE" = 1 ] && NAME=compare
 
 CACHE=${MOELPR_CACHE_DIR:-work/cache}
 BASE_MODEL=$CACHE/models/smollm2-135m-instruct
 if [ "$QUICK" = 1 ]; then
-    WORK=${MOELPR_DEMO_DIR:-work/demo-quick}
+    WORK=${MOELPR_DEMO_DIR:-work/$NAME-quick}
     CORPUS_ARGS=(--max_documents 120 --max_train_chars 60000)
     STAGE1_STEPS=2; STAGE2_STEPS=2; MAX_SAMPLES=40; REPLAY_SAMPLES=10; LOGGING_STEPS=1; EVAL_TOKENS=512
 else
-    WORK=${MOELPR_DEMO_DIR:-work/demo}
+    WORK=${MOELPR_DEMO_DIR:-work/$NAME}
     CORPUS_ARGS=()
     STAGE1_STEPS=60; STAGE2_STEPS=20; MAX_SAMPLES=1000; REPLAY_SAMPLES=100; LOGGING_STEPS=5; EVAL_TOKENS=4096
+    # The comparison's cells must resolve differences of a few percent: 4x the demo's evaluated tokens.
+    [ "$COMPARE" = 1 ] && EVAL_TOKENS=16384
 fi
 CORPORA=$WORK/corpora
 UPCYCLED=$WORK/models/upcycled
@@ -52,6 +60,7 @@ EVAL_DTYPE=()
 START=$SECONDS
 STEP=0
 TOTAL_STEPS=10
+[ "$COMPARE" = 1 ] && TOTAL_STEPS=15
 step() {
     STEP=$((STEP + 1))
     printf '\n[demo %d/%d, %dm%02ds] %s\n' "$STEP" "$TOTAL_STEPS" $(((SECONDS - START) / 60)) $(((SECONDS - START) % 60)) "$*"
@@ -80,13 +89,14 @@ if [ -f "$UPCYCLED/config.json" ]; then skip "$UPCYCLED"; else
     moelpr upcycle --model_path "$BASE_MODEL" --output_path "$UPCYCLED" --num_experts 4 --topk 2
 fi
 
-# train NAME YAML MODEL DATASETS SAMPLES STEPS: one llamafactory-cli run, skipped when it finished before.
+# train NAME YAML MODEL DATASETS SAMPLES STEPS [KEY=VALUE...]: one llamafactory-cli run, skipped when it finished
+# before; the extra KEY=VALUE pairs override the recipe.
 train() {
     local name=$1 yaml=$2 model=$3 datasets=$4 samples=$5 steps=$6
     if [ -f "$SAVES/$name/train_results.json" ]; then skip "$SAVES/$name"; return; fi
     llamafactory-cli train "$yaml" model_name_or_path="$model" dataset_dir="$CORPORA" dataset="$datasets" \
         max_samples="$samples" max_steps="$steps" output_dir="$SAVES/$name" logging_steps="$LOGGING_STEPS" \
-        bf16="$MOELPR_DEMO_BF16" 2>&1 | tee "$LOGS/$name.log"
+        bf16="$MOELPR_DEMO_BF16" "${@:7}" 2>&1 | tee "$LOGS/$name.log"
 }
 
 step "MoE-LPR stage 1 (post-pretraining): new experts + routers on hu/tr/el, $STAGE1_STEPS steps"
@@ -106,21 +116,76 @@ fi
 step "MoE-CT: routed experts, routers, fusion layers, embeddings on hu/tr/el + 10% English, $STAGE1_STEPS steps"
 train moect examples/moelpr/demo/demo_moect.yaml "$UPCYCLED_CT" "$CT_MIX" "$MAX_SAMPLES" "$STAGE1_STEPS"
 
-step "Evaluation: held-out perplexity per language, routing report, loss curves"
+MODELS=(base="$BASE_MODEL" full_ft="$SAVES/full_ft" moelpr_stage1="$SAVES/stage1" moelpr_stage2="$SAVES/stage2"
+        moect="$SAVES/moect")
+RUNS=(full_ft stage1 stage2 moect)
+if [ "$COMPARE" = 1 ]; then
+    step "Ablation: review without LPR (stage 2 on the same replay, lpr_loss_coef 0), $STAGE2_STEPS steps"
+    train stage2_no_lpr examples/moelpr/demo/demo_stage2.yaml "$SAVES/stage1" "$REPLAY" "$REPLAY_SAMPLES" "$STAGE2_STEPS" \
+        lpr_loss_coef=0
+
+    step "LoRA (rank 64, every linear layer) on the stage-1 data and token budget, $STAGE1_STEPS steps"
+    train lora examples/lora/demo_lora.yaml "$BASE_MODEL" "$NEW_TRAIN" "$MAX_SAMPLES" "$STAGE1_STEPS"
+    LORA_MERGED=$WORK/models/lora_merged
+    if [ -f "$LORA_MERGED/config.json" ] && [ "$LORA_MERGED/config.json" -nt "$SAVES/lora/train_results.json" ]; then
+        skip "$LORA_MERGED"
+    else
+        rm -rf "$LORA_MERGED"
+        llamafactory-cli export examples/lora/demo_lora_merge.yaml model_name_or_path="$BASE_MODEL" \
+            adapter_name_or_path="$SAVES/lora" export_dir="$LORA_MERGED" 2>&1 | tee "$LOGS/lora_merge.log"
+    fi
+
+    step "LLaMA-Pro: 6 identity blocks (30 -> 36 layers)"
+    LLAMA_PRO=$WORK/models/llama_pro
+    if [ -f "$LLAMA_PRO/config.json" ]; then skip "$LLAMA_PRO"; else
+        moelpr expand --model_path "$BASE_MODEL" --output_path "$LLAMA_PRO" --num_expand 6
+    fi
+
+    step "LLaMA-Pro: the new blocks on the stage-1 data and token budget, $STAGE1_STEPS steps"
+    train llama_pro examples/llama_pro/demo_llama_pro.yaml "$LLAMA_PRO" "$NEW_TRAIN" "$MAX_SAMPLES" "$STAGE1_STEPS"
+
+    MODELS+=(moelpr_review_no_lpr="$SAVES/stage2_no_lpr" lora="$LORA_MERGED" llama_pro="$SAVES/llama_pro")
+    RUNS+=(stage2_no_lpr lora llama_pro)
+fi
+
+step "Evaluation: held-out perplexity per language ($EVAL_TOKENS tokens each), routing report, loss curves"
 stale=0
 [ -f "$EVAL/perplexity.json" ] || stale=1
-for run in stage1 stage2 full_ft moect; do [ "$SAVES/$run/train_results.json" -nt "$EVAL/perplexity.json" ] && stale=1; done
+for run in "${RUNS[@]}"; do [ "$SAVES/$run/train_results.json" -nt "$EVAL/perplexity.json" ] && stale=1; done
 if [ "$stale" = 0 ]; then skip "$EVAL"; else
-    heldout=()
-    for lang in hu tr el en en_general; do heldout+=(--heldout "$lang=$CORPORA/${lang}_heldout.jsonl"); done
-    moelpr eval --model base="$BASE_MODEL" --model full_ft="$SAVES/full_ft" \
-        --model moelpr_stage1="$SAVES/stage1" --model moelpr_stage2="$SAVES/stage2" --model moect="$SAVES/moect" \
-        "${heldout[@]}" --old_languages en,en_general --max_tokens "$EVAL_TOKENS" --cutoff_len 256 "${EVAL_DTYPE[@]}" \
-        --run_dir full_ft="$SAVES/full_ft" --run_dir moelpr_stage1="$SAVES/stage1" --run_dir moelpr_stage2="$SAVES/stage2" \
-        --run_dir moect="$SAVES/moect" \
-        --output_dir "$EVAL" 2>&1 | tee "$LOGS/eval.log"
+    args=()
+    for model in "${MODELS[@]}"; do args+=(--model "$model"); done
+    for lang in hu tr el en en_general; do args+=(--heldout "$lang=$CORPORA/${lang}_heldout.jsonl"); done
+    args+=(--run_dir full_ft="$SAVES/full_ft" --run_dir moelpr_stage1="$SAVES/stage1")
+    args+=(--run_dir moelpr_stage2="$SAVES/stage2" --run_dir moect="$SAVES/moect")
+    moelpr eval "${args[@]}" --old_languages en,en_general --max_tokens "$EVAL_TOKENS" --cutoff_len 256 \
+        "${EVAL_DTYPE[@]}" --output_dir "$EVAL" 2>&1 | tee "$LOGS/eval.log"
+fi
+
+if [ "$COMPARE" = 1 ]; then
+    step "Comparison: one table with intervals, one trade-off picture"
+    python - "$SAVES" "$LOGS" "$WORK/methods.json" <<'PY'
+import json, sys
+saves, logs, out = sys.argv[1:]
+methods = [  # name in the evaluation report, label, its training runs (LLaMA-Factory output directories)
+    ("full_ft", "Full continual training", ["full_ft"]),
+    ("lora", "LoRA (r=64)", ["lora"]),
+    ("llama_pro", "LLaMA-Pro (+6 blocks)", ["llama_pro"]),
+    ("moelpr_stage1", "MoE stage 1 only", ["stage1"]),
+    ("moelpr_review_no_lpr", "MoE, review without LPR", ["stage1", "stage2_no_lpr"]),
+    ("moelpr_stage2", "MoE-LPR", ["stage1", "stage2"]),
+    ("moect", "MoE-CT", ["moect"]),
+]
+spec = {"base": "base", "reference": "full_ft", "methods": [
+    {"name": name, "label": label, "runs": [f"{saves}/{r}" for r in runs], "logs": [f"{logs}/{r}.log" for r in runs]}
+    for name, label, runs in methods]}
+open(out, "w").write(json.dumps(spec, indent=2) + "\n")
+PY
+    python -m moelpr.evaluation.comparison --eval_dir "$EVAL" --methods "$WORK/methods.json" \
+        --output_dir "$WORK/comparison" 2>&1 | tee "$LOGS/comparison.log"
 fi
 
 step "Done in $(((SECONDS - START) / 60))m$(printf %02d $(((SECONDS - START) % 60)))s"
 cat "$EVAL/perplexity.md"
+[ "$COMPARE" = 1 ] && echo "Comparison: $WORK/comparison/comparison.md, $WORK/comparison/tradeoff.png"
 echo "Report: $EVAL/perplexity.md, $EVAL/routing_heatmap.png, $EVAL/loss_curves.png (JSON beside them); logs in $LOGS"
