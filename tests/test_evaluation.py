@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -107,6 +108,11 @@ def test_eval_command_writes_the_report(tiny_llama_dir, upcycled_llama_dir, held
     )
     table = (out / "perplexity.md").read_text()
     assert "| en (old) | hu (new) |" in table and "| dense |" in table and "Change relative to `dense`" in table
+    # Same tokenizer, same text: the change is resampled paired, and an upcycled model's change is nil.
+    change = report["models"]["moe"]["languages"]["hu"]["change_vs_baseline"]
+    assert change["paired"] and abs(change["interval"][0]) < 1e-3 and abs(change["interval"][1]) < 1e-3
+    low, high = report["models"]["dense"]["languages"]["hu"]["interval"]
+    assert low < report["models"]["dense"]["languages"]["hu"]["perplexity"] < high
 
     routing = json.loads((out / "routing.json").read_text())
     assert list(routing) == ["moe"]  # dense models have no routing
@@ -165,3 +171,84 @@ def test_report_of_a_model_with_per_layer_expert_counts(per_layer_llama_dir, hel
     (out / "routing.json").write_text(json.dumps({"moe": routing}))
     problem = "router probabilities do not list each layer's experts"
     assert check_report(out) == [f"moe/{lang}: {problem}" for lang in ("en", "hu")]
+
+
+def test_bootstrap_intervals_cover_the_truth_at_their_level():
+    """Blocks whose per-token loss is drawn around a known mean: the 95% perplexity interval covers exp(mean) in
+    about 95% of repeated samples, and a paired change between two models differing by a known factor covers it."""
+    from moelpr.evaluation.intervals import change_interval, perplexity_interval
+
+    rng = np.random.default_rng(0)
+    covered_ppl = covered_change = 0
+    experiments = 200
+    for _ in range(experiments):
+        tokens = np.full(64, 255)
+        per_token = rng.normal(3.0, 0.4, size=64)  # per-block mean loss; true mean 3.0
+        nll = per_token * tokens
+        low, high = perplexity_interval(nll, tokens, samples=500, seed=int(rng.integers(1 << 30)))
+        covered_ppl += low <= math.exp(3.0) <= high
+        other = nll + tokens * (0.05 + rng.normal(0, 0.02, size=64))  # the other model: log-ppl +0.05 on average
+        low, high = change_interval((nll, tokens), (other, tokens), paired=True, samples=500)
+        covered_change += low <= math.expm1(0.05) <= high
+    assert 0.88 <= covered_ppl / experiments <= 0.99
+    assert 0.88 <= covered_change / experiments <= 0.99
+
+
+def test_paired_resampling_separates_what_unpaired_cannot():
+    """A small, consistent difference between two models on the same blocks is real; the text-to-text spread of
+    perplexity hides it unless both models are resampled on the same draw."""
+    from moelpr.evaluation.intervals import change_interval
+
+    rng = np.random.default_rng(1)
+    tokens = np.full(64, 255)
+    nll = rng.normal(3.0, 0.5, size=64) * tokens
+    other = nll + 0.01 * tokens
+    paired = change_interval((nll, tokens), (other, tokens), paired=True)
+    unpaired = change_interval((nll, tokens), (other, tokens), paired=False)
+    assert paired[0] > 0  # the 1% increase is significant when paired
+    assert unpaired[0] < 0 < unpaired[1]  # and drowned in the spread otherwise
+
+
+def test_comparison_table_and_tradeoff_picture(tiny_llama_dir, upcycled_llama_dir, heldout_files, tmp_path):
+    """The comparison reads the eval report and each method's runs; parameter counts come from the checkpoints."""
+    from transformers import AutoModelForCausalLM
+
+    from moelpr.evaluation.comparison import main as compare_main
+    from moelpr.evaluation.comparison import parameter_counts
+
+    out = tmp_path / "eval"
+    argv = ["--model", f"base={tiny_llama_dir}", "--model", f"full_ft={tiny_llama_dir}",
+            "--model", f"moe={upcycled_llama_dir}", "--output_dir", str(out), "--cutoff_len", "8",
+            "--max_tokens", "40", "--old_languages", "en"]
+    for lang, path in heldout_files.items():
+        argv += ["--heldout", f"{lang}={path}"]
+    assert eval_main(argv) == 0
+    # The reference must have gained something for the share to be defined: make full_ft a little better on hu.
+    report = json.loads((out / "perplexity.json").read_text())
+    cell = report["models"]["full_ft"]["languages"]["hu"]
+    cell["block_nll"] = [0.9 * v for v in cell["block_nll"]]
+    (out / "perplexity.json").write_text(json.dumps(report))
+
+    run, log = tmp_path / "run", tmp_path / "run.log"
+    run.mkdir()
+    state = {"global_step": 4, "log_history": [{"step": 4, "loss": 1.0}, {"step": 4, "train_runtime": 10.0}]}
+    (run / "trainer_state.json").write_text(json.dumps(state))
+    log.write_text("[INFO] trainable params: 1,234 || all params: 99,999 || trainable%: 1.2340\n")
+    methods = tmp_path / "methods.json"
+    methods.write_text(json.dumps({"base": "base", "reference": "full_ft", "methods": [
+        {"name": "moe", "label": "MoE-LPR", "runs": [str(run)], "logs": [str(log)]}]}))
+    assert compare_main(["--eval_dir", str(out), "--methods", str(methods), "--output_dir", str(tmp_path / "cmp")]) == 0
+
+    result = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    row = result["methods"][0]
+    moe = AutoModelForCausalLM.from_pretrained(upcycled_llama_dir)
+    expert = sum(p.numel() for p in moe.moe_blocks()[0].original_expert.parameters())
+    total = sum(p.numel() for p in moe.parameters())
+    assert (row["total_params"], row["active_params"]) == (total, total - 4 * 2 * expert)  # top-2 of 4, 4 layers
+    assert parameter_counts(tiny_llama_dir)[0] == parameter_counts(tiny_llama_dir)[1]  # dense: all active
+    assert row["trainable_params"] == 1234 and row["train_seconds"] / row["train_steps"] == 2.5
+    # The upcycled model computes the dense function: no change, and none of full_ft's 10% gain on hu.
+    assert abs(row["languages"]["hu"]["change"]) < 1e-4
+    assert abs(row["languages"]["hu"]["gain_share"][0]) < 1e-3
+    assert "| MoE-LPR |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    assert matplotlib.image.imread(tmp_path / "cmp" / "tradeoff.png").shape[0] > 300

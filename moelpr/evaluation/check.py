@@ -58,6 +58,13 @@ def check_report(report_dir: Path, models: Sequence[str] = (), languages: Sequen
                 problems.append(f"{name}/{lang}: perplexity {ppl!r}")
             elif not math.isclose(ppl, math.exp(result["nll_sum"] / tokens), rel_tol=1e-6):
                 problems.append(f"{name}/{lang}: perplexity does not match nll_sum / predicted_tokens")
+            elif not (
+                math.isclose(math.fsum(result.get("block_nll", [])), result["nll_sum"], rel_tol=1e-9)
+                and sum(result.get("block_tokens", [])) == tokens
+            ):
+                problems.append(f"{name}/{lang}: the blocks do not add up to nll_sum and predicted_tokens")
+            elif not result.get("interval", [math.inf])[0] <= ppl <= result.get("interval", [0, -math.inf])[-1]:
+                problems.append(f"{name}/{lang}: interval {result.get('interval')} does not contain the perplexity")
 
     table = (report_dir / "perplexity.md").read_text() if (report_dir / "perplexity.md").is_file() else ""
     problems += [f"perplexity.md has no row for {name}" for name in perplexity.get("models", {}) if f"| {name} |" not in table]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -64,20 +66,35 @@ class RoutingTotals:
 
 @dataclass
 class LanguageResult:
-    nll_sum: float
-    predicted_tokens: int
+    """Negative log-likelihood per held-out block (the unit the intervals resample) and the routing totals."""
+
+    block_nll: list[float]
+    block_tokens: list[int]  # predicted tokens per block
     routing: RoutingTotals | None
+    blocks_digest: str = ""  # identifies the token blocks, so models compared on the same blocks pair up
+
+    @property
+    def nll_sum(self) -> float:
+        return math.fsum(self.block_nll)
+
+    @property
+    def predicted_tokens(self) -> int:
+        return sum(self.block_tokens)
 
     @property
     def perplexity(self) -> float:
         return math.exp(self.nll_sum / self.predicted_tokens)
 
 
-@torch.no_grad()
+def blocks_digest(blocks: Sequence[Sequence[int]]) -> str:
+    return hashlib.sha256(json.dumps([list(block) for block in blocks]).encode()).hexdigest()[:16]
+
+
+@torch.inference_mode()
 def evaluate_language(
     model: torch.nn.Module, blocks: Sequence[Sequence[int]], batch_size: int, is_moe: bool, desc: str = ""
 ) -> LanguageResult:
-    """Sum of next-token negative log-likelihoods over all ``blocks`` (and router totals for MoE models).
+    """Next-token negative log-likelihood of each of ``blocks`` (and router totals for MoE models).
 
     Blocks of equal length are batched without padding; only the last block of a language can be
     shorter, and it runs alone.
@@ -92,7 +109,8 @@ def evaluate_language(
         else:
             batches.append([block])
 
-    nll_sum, predicted = 0.0, 0
+    block_nll: list[float] = []
+    block_tokens: list[int] = []
     routing = RoutingTotals() if is_moe else None
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
         input_ids = torch.tensor(batch, dtype=torch.long, device=device)
@@ -100,8 +118,9 @@ def evaluate_language(
         outputs = model(input_ids=input_ids, **extra)
         logits = outputs.logits[:, :-1].float()
         targets = input_ids[:, 1:]
-        nll_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-        predicted += targets.numel()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        block_nll += nll.reshape(targets.shape).double().sum(dim=1).tolist()
+        block_tokens += [targets.shape[1]] * targets.shape[0]
         if routing is not None:
             routing.add(outputs.router_logits)
-    return LanguageResult(nll_sum, predicted, routing)
+    return LanguageResult(block_nll, block_tokens, routing, blocks_digest(blocks))

@@ -12,6 +12,7 @@ import torch
 
 from ..jsonl_texts import iter_jsonl_texts
 from ..tokenization import restore_add_bos_token
+from .intervals import DEFAULT_LEVEL, DEFAULT_SAMPLES, change_interval, perplexity_interval
 from .perplexity import LanguageResult, evaluate_language, token_blocks
 from .plots import loss_curves, routing_heatmap
 
@@ -47,30 +48,72 @@ def moe_layer_indices(config) -> list[int]:
     return list(config.moe_layers) if config.moe_layers is not None else list(range(config.num_hidden_layers))
 
 
+def _with_intervals(results: Mapping[str, dict], languages: Sequence[str]) -> None:
+    """Add to every cell its perplexity interval and, for every model after the first (the baseline), the change
+    against the baseline with its interval (paired where both saw the same blocks)."""
+    baseline = next(iter(results))
+    for name, report in results.items():
+        for lang in languages:
+            cell = report["languages"][lang]
+            cell["interval"] = list(perplexity_interval(cell["block_nll"], cell["block_tokens"]))
+            if name == baseline:
+                continue
+            base = results[baseline]["languages"][lang]
+            paired = cell["blocks_digest"] == base["blocks_digest"]
+            interval = change_interval(
+                (base["block_nll"], base["block_tokens"]), (cell["block_nll"], cell["block_tokens"]), paired
+            )
+            cell["change_vs_baseline"] = {
+                "value": cell["perplexity"] / base["perplexity"] - 1,
+                "interval": list(interval),
+                "paired": paired,
+            }
+
+
 def _perplexity_markdown(results: Mapping[str, Mapping], languages: Sequence[str], old: set[str], settings: Mapping) -> str:
     header = [f"{lang} ({'old' if lang in old else 'new'})" for lang in languages]
+    level = round(100 * settings["bootstrap"]["level"])
     lines = [
         "# Held-out perplexity (token-weighted, lower is better)",
+        "",
+        f"Each cell: perplexity [{level}% bootstrap interval over the held-out blocks].",
         "",
         "| model | " + " | ".join(header) + " |",
         "|---|" + "---:|" * len(languages),
     ]
     for name, report in results.items():
-        cells = [f"{report['languages'][lang]['perplexity']:.2f}" for lang in languages]
+        cells = []
+        for lang in languages:
+            cell = report["languages"][lang]
+            low, high = cell["interval"]
+            cells.append(f"{cell['perplexity']:.2f} [{low:.2f}, {high:.2f}]")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     baseline = next(iter(results))
     if len(results) > 1:
-        lines += ["", f"Change relative to `{baseline}`:", "", "| model | " + " | ".join(header) + " |", "|---|" + "---:|" * len(languages)]
-        base = results[baseline]["languages"]
+        lines += [
+            "",
+            f"Change relative to `{baseline}` [{level}% interval, paired over the same blocks]; `*` where the interval "
+            "excludes 0:",
+            "",
+            "| model | " + " | ".join(header) + " |",
+            "|---|" + "---:|" * len(languages),
+        ]
         for name, report in list(results.items())[1:]:
-            cells = [f"{100 * (report['languages'][lang]['perplexity'] / base[lang]['perplexity'] - 1):+.1f}%" for lang in languages]
+            cells = []
+            for lang in languages:
+                change = report["languages"][lang]["change_vs_baseline"]
+                low, high = change["interval"]
+                mark = "*" if low > 0 or high < 0 else ""
+                cells.append(f"{100 * change['value']:+.1f}%{mark} [{100 * low:+.1f}, {100 * high:+.1f}]")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     tokens = ", ".join(f"{lang}: {results[baseline]['languages'][lang]['predicted_tokens']}" for lang in languages)
+    speed = ", ".join(f"{name}: {report['eval_tokens_per_second']:.0f}" for name, report in results.items())
     lines += [
         "",
         (
             f"Predicted tokens per language ({baseline}'s tokenizer): {tokens}. "
-            f"Blocks of {settings['cutoff_len']} tokens, dtype {settings['dtype']}."
+            f"Blocks of {settings['cutoff_len']} tokens, dtype {settings['dtype']}. "
+            f"Evaluation tokens/s: {speed}."
         ),
         "",
     ]
@@ -95,7 +138,12 @@ def evaluate(
     output_dir.mkdir(parents=True, exist_ok=True)
     texts = {lang: read_texts(path, text_field) for lang, path in heldout.items()}
     languages = list(heldout)
-    settings = {"cutoff_len": cutoff_len, "max_tokens": max_tokens, "dtype": str(dtype).removeprefix("torch.")}
+    settings = {
+        "cutoff_len": cutoff_len,
+        "max_tokens": max_tokens,
+        "dtype": str(dtype).removeprefix("torch."),
+        "bootstrap": {"unit": f"blocks of {cutoff_len} tokens", "samples": DEFAULT_SAMPLES, "level": DEFAULT_LEVEL},
+    }
     results: dict[str, dict] = {}
     routing: dict[str, dict] = {}
     for name, path in models.items():
@@ -103,9 +151,12 @@ def evaluate(
         model, tokenizer = load_model(path, dtype)
         moe = is_moe(model)
         per_language: dict[str, LanguageResult] = {}
+        compute_seconds = 0.0
         for lang in languages:
             blocks = token_blocks(tokenizer, texts[lang], cutoff_len, max_tokens)
+            lang_start = time.perf_counter()
             per_language[lang] = evaluate_language(model, blocks, batch_size, moe, desc=f"{name} / {lang}")
+            compute_seconds += time.perf_counter() - lang_start
             logger.info("%s / %s: perplexity %.2f over %d tokens", name, lang, per_language[lang].perplexity, per_language[lang].predicted_tokens)
         results[name] = {
             "path": str(path),
@@ -116,10 +167,14 @@ def evaluate(
                     "perplexity": r.perplexity,
                     "nll_sum": r.nll_sum,
                     "predicted_tokens": r.predicted_tokens,
+                    "block_nll": r.block_nll,
+                    "block_tokens": r.block_tokens,
+                    "blocks_digest": r.blocks_digest,
                 }
                 for lang, r in per_language.items()
             },
             "seconds": round(time.time() - start, 1),
+            "eval_tokens_per_second": sum(r.predicted_tokens for r in per_language.values()) / compute_seconds,
         }
         if moe:
             routing[name] = {
@@ -138,6 +193,7 @@ def evaluate(
             }
         del model
 
+    _with_intervals(results, languages)
     report = {"settings": settings, "languages": {lang: "old" if lang in old_languages else "new" for lang in languages}, "models": results}
     (output_dir / "perplexity.json").write_text(json.dumps(report, indent=2) + "\n")
     (output_dir / "perplexity.md").write_text(_perplexity_markdown(results, languages, old_languages, settings))

@@ -1,0 +1,262 @@
+"""The methods comparison: one table and one trade-off picture from a ``moelpr eval`` report and each method's
+training runs (``scripts/compare.sh`` writes both; see docs/comparison.md).
+
+``python -m moelpr.evaluation.comparison --eval_dir DIR --methods METHODS.json --output_dir OUT``
+
+``METHODS.json`` names the evaluated base model and full continual training (the reference of the gain share),
+and for every method the model's name in the report, the LLaMA-Factory output directories of its training
+stages and their console logs (LLaMA-Factory logs ``trainable params: N || all params: M`` there)::
+
+    {"base": "base", "reference": "full_ft",
+     "methods": [{"name": "moelpr", "label": "MoE-LPR", "runs": ["saves/stage1", "saves/stage2"],
+                  "logs": ["logs/stage1.log", "logs/stage2.log"]}, ...]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..checkpoint_io import CheckpointReader
+from ..models.moe import NEW_EXPERTS_NAME, ORIGINAL_EXPERT_NAME
+from .intervals import change_interval, gain_share_interval, mean_change_interval
+
+TRAINABLE_LINE = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)")
+_EXPERT_TENSOR = re.compile(rf"\.layers\.(\d+)\..*\.({ORIGINAL_EXPERT_NAME}|{NEW_EXPERTS_NAME}\.\d+)\.")
+
+
+class ComparisonError(ValueError):
+    """A methods file or report that does not hold what the comparison needs."""
+
+
+@dataclass
+class MethodSpec:
+    name: str  # the model's name in the evaluation report
+    label: str
+    runs: list[Path]
+    logs: list[Path]
+
+
+def trainable_parameters(logs: Sequence[Path]) -> int:
+    """The largest ``trainable params`` count LLaMA-Factory logged over a method's stages (later stages of the
+    methods compared train subsets of the first's)."""
+    counts = []
+    for log in logs:
+        matches = TRAINABLE_LINE.findall(log.read_text(errors="replace"))
+        if not matches:
+            raise ComparisonError(f"{log} has no LLaMA-Factory 'trainable params' line")
+        counts.append(int(matches[-1][0].replace(",", "")))
+    return max(counts)
+
+
+def parameter_counts(model_dir: Path) -> tuple[int, int]:
+    """``(total, active per token)`` parameters of a checkpoint. A token runs ``top_k`` routed experts of an MoE
+    layer (and, in MoE-CT, the frozen FFN beside them); the other routed experts are inactive."""
+    config = json.loads((model_dir / "config.json").read_text())
+    expert_params: dict[tuple[int, str], int] = {}
+    total = 0
+    with CheckpointReader(model_dir) as reader:
+        for name in reader.names():
+            if name == "lm_head.weight" and config.get("tie_word_embeddings"):
+                continue
+            size = math.prod(reader.spec(name).shape)
+            total += size
+            match = _EXPERT_TENSOR.search(name)
+            if match:
+                key = (int(match.group(1)), match.group(2))
+                expert_params[key] = expert_params.get(key, 0) + size
+    inactive = 0
+    top_k = config.get("num_experts_per_tok", 0)
+    routes_original = config.get("moe_method", "lpr") != "ct"  # in MoE-CT the original FFN is always on
+    for layer in sorted({layer for layer, _ in expert_params}):
+        routed = [size for (at, expert), size in expert_params.items()
+                  if at == layer and (routes_original or expert != ORIGINAL_EXPERT_NAME)]
+        inactive += sum(sorted(routed)[: max(len(routed) - top_k, 0)])
+    return total, total - inactive
+
+
+def training_seconds(runs: Sequence[Path]) -> tuple[float, int]:
+    """Training time and optimizer steps over a method's runs (LLaMA-Factory's ``trainer_state.json``)."""
+    seconds, steps = 0.0, 0
+    for run in runs:
+        history = json.loads((run / "trainer_state.json").read_text())
+        final = [entry for entry in history["log_history"] if "train_runtime" in entry]
+        if not final:
+            raise ComparisonError(f"{run}/trainer_state.json has no train_runtime: did the run finish?")
+        seconds += final[-1]["train_runtime"]
+        steps += history["global_step"]
+    return seconds, steps
+
+
+def _blocks(cell: dict) -> tuple[list[float], list[int]]:
+    return cell["block_nll"], cell["block_tokens"]
+
+
+def compare(eval_dir: Path, methods_file: Path) -> dict:
+    """Every figure of the comparison, per method (see the module docstring)."""
+    report = json.loads((eval_dir / "perplexity.json").read_text())
+    spec = json.loads(methods_file.read_text())
+    models, languages = report["models"], report["languages"]
+    base_name, reference_name = spec["base"], spec["reference"]
+    for name in (base_name, reference_name, *(m["name"] for m in spec["methods"])):
+        if name not in models:
+            raise ComparisonError(f"model {name!r} is not in {eval_dir}/perplexity.json")
+    new = [lang for lang, role in languages.items() if role == "new"]
+    old = [lang for lang, role in languages.items() if role == "old"]
+    base = models[base_name]["languages"]
+    reference = models[reference_name]["languages"]
+    rows = []
+    for entry in spec["methods"]:
+        method = MethodSpec(entry["name"], entry.get("label", entry["name"]), [Path(p) for p in entry["runs"]],
+                            [Path(p) for p in entry["logs"]])
+        cells = models[method.name]["languages"]
+        per_language = {}
+        for lang in languages:
+            paired = cells[lang]["blocks_digest"] == base[lang]["blocks_digest"]
+            low, high = change_interval(_blocks(base[lang]), _blocks(cells[lang]), paired)
+            per_language[lang] = {
+                "perplexity": cells[lang]["perplexity"],
+                "interval": cells[lang]["interval"],
+                "change": cells[lang]["perplexity"] / base[lang]["perplexity"] - 1,
+                "change_interval": [low, high],
+            }
+            if lang in new:
+                per_language[lang]["gain_share"] = list(
+                    gain_share_interval(_blocks(base[lang]), _blocks(reference[lang]), _blocks(cells[lang]))
+                )
+        seconds, steps = training_seconds(method.runs)
+        total, active = parameter_counts(Path(models[method.name]["path"]))
+        rows.append({
+            "name": method.name,
+            "label": method.label,
+            "languages": per_language,
+            "new_mean_change": list(mean_change_interval([(_blocks(base[lang]), _blocks(cells[lang])) for lang in new])),
+            "old_mean_change": list(mean_change_interval([(_blocks(base[lang]), _blocks(cells[lang])) for lang in old])),
+            "trainable_params": trainable_parameters(method.logs),
+            "total_params": total,
+            "active_params": active,
+            "train_seconds": seconds,
+            "train_steps": steps,
+            "eval_tokens_per_second": models[method.name]["eval_tokens_per_second"],
+        })
+    base_total, _ = parameter_counts(Path(models[base_name]["path"]))
+    return {"base": base_name, "reference": reference_name, "new": new, "old": old, "base_params": base_total,
+            "base_perplexity": {lang: base[lang]["perplexity"] for lang in languages}, "methods": rows,
+            "settings": report["settings"]}
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.1f}M"
+
+
+def _pct(value: float, low: float, high: float) -> str:
+    mark = "*" if low > 0 or high < 0 else ""
+    return f"{100 * value:+.1f}%{mark} [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
+def markdown(result: dict) -> str:
+    new, old = result["new"], result["old"]
+    level = round(100 * result["settings"]["bootstrap"]["level"])
+    header = ["method", *(f"{lang} (new)" for lang in new), *(f"{lang} (old)" for lang in old)]
+    lines = [
+        "# Methods compared on the same data and token budget",
+        "",
+        f"Held-out perplexity (lower is better) [{level}% bootstrap interval over the held-out blocks]; the base "
+        f"model `{result['base']}`: " + ", ".join(f"{lang} {ppl:.2f}" for lang, ppl in result["base_perplexity"].items())
+        + ".",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---|" + "---:|" * (len(header) - 1),
+    ]
+    for row in result["methods"]:
+        cells = [f"{row['languages'][lang]['perplexity']:.2f} [{row['languages'][lang]['interval'][0]:.2f}, "
+                 f"{row['languages'][lang]['interval'][1]:.2f}]" for lang in (*new, *old)]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Change against the base model [{level}% paired interval; `*`: the interval excludes 0], and the share of "
+        f"`{result['reference']}`'s log-perplexity gain kept on each new language:",
+        "",
+        "| " + " | ".join(["method", *(f"{lang} change" for lang in (*new, *old)),
+                         *(f"{lang} gain kept" for lang in new)]) + " |",
+        "|---|" + "---:|" * (len(new) * 2 + len(old)),
+    ]
+    for row in result["methods"]:
+        changes = [_pct(row["languages"][lang]["change"], *row["languages"][lang]["change_interval"])
+                   for lang in (*new, *old)]
+        kept = ["{:.0%} [{:.0%}, {:.0%}]".format(*row["languages"][lang]["gain_share"]) for lang in new]
+        lines.append(f"| {row['label']} | " + " | ".join(changes + kept) + " |")
+    lines += [
+        "",
+        "| method | mean new-language change | mean old-language change | trainable | total | active per token "
+        "| train s/step | eval tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["methods"]:
+        lines.append(
+            f"| {row['label']} | {_pct(*row['new_mean_change'])} | {_pct(*row['old_mean_change'])} | "
+            f"{_millions(row['trainable_params'])} | {_millions(row['total_params'])} | "
+            f"{_millions(row['active_params'])} | {row['train_seconds'] / row['train_steps']:.2f} | "
+            f"{row['eval_tokens_per_second']:.0f} |"
+        )
+    lines += [
+        "",
+        f"The base model has {_millions(result['base_params'])} parameters. Train s/step: training time over all of a "
+        "method's stages divided by their optimizer steps; trainable: the most parameters any of its stages trains. "
+        f"Evaluation in {result['settings']['dtype']}, blocks of {result['settings']['cutoff_len']} tokens.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def tradeoff_plot(result: dict, path: Path) -> None:
+    """Mean new-language change (x, negative = learned) against mean old-language change (y, positive = forgot),
+    one point per method with its bootstrap intervals: the paper's way of showing the trade-off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.5), layout="constrained")
+    for row in result["methods"]:
+        x, x_low, x_high = (100 * v for v in row["new_mean_change"])
+        y, y_low, y_high = (100 * v for v in row["old_mean_change"])
+        ax.errorbar(x, y, xerr=[[x - x_low], [x_high - x]], yerr=[[y - y_low], [y_high - y]], fmt="o", capsize=3)
+        ax.annotate(row["label"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel(f"mean perplexity change on the new languages ({', '.join(result['new'])}), % (left = learned more)")
+    ax.set_ylabel(f"mean perplexity change on the old languages ({', '.join(result['old'])}), % (up = forgot more)")
+    ax.set_title("Learning the new languages against forgetting the old ones\n(bars: 95% bootstrap intervals)")
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moelpr.evaluation.comparison", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--eval_dir", type=Path, required=True, help="a moelpr eval output directory")
+    parser.add_argument("--methods", type=Path, required=True, help="the methods file (see the module docstring)")
+    parser.add_argument("--output_dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        result = compare(args.eval_dir, args.methods)
+    except (ComparisonError, OSError, KeyError, json.JSONDecodeError) as error:
+        print(f"comparison: error: {error}", file=sys.stderr)
+        return 2
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (args.output_dir / "comparison.md").write_text(table)
+    tradeoff_plot(result, args.output_dir / "tradeoff.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
