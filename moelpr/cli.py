@@ -8,7 +8,7 @@ import sys
 # Subcommand -> module whose ``main(argv) -> int`` runs it; imported only when chosen, because the
 # heavy imports (torch, transformers) should not slow down ``moelpr --help``.
 SUBCOMMANDS = {
-    "upcycle": ("moelpr.upcycling", "upcycle a dense checkpoint into an MoE-LPR model"),
+    "upcycle": ("moelpr.upcycling", "upcycle a dense checkpoint into an MoE-LPR or MoE-CT model"),
     "export": ("moelpr.export", "write an MoE-LPR model as a standard Mixtral / Qwen2-MoE checkpoint"),
     "expand": ("moelpr.llama_pro", "LLaMA-Pro block expansion of a dense checkpoint (identity-initialised blocks)"),
     "eval": ("moelpr.evaluation.cli", "per-language perplexity and routing report of one or more models"),

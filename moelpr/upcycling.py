@@ -3,7 +3,9 @@
 Each chosen layer's FFN becomes the MoE block its model class names (``moe_block_class``), built from the FFN's
 tensors by the block's ``upcycled_tensors``: for MoE-LPR, expert 0 is the FFN itself, experts 1..N-1 are its
 copies and the router starts random. Because all experts are equal and the top-k weights are renormalised to sum
-to one, the upcycled model's outputs equal the dense model's whatever the router says.
+to one, the upcycled model's outputs equal the dense model's whatever the router says. For MoE-CT
+(``method="moe_ct"``) the FFN stays whole beside N routed copies and a zero fusion layer, whose two weights sum
+to one: the same argument holds.
 
 The checkpoint is streamed, never loaded whole: dense tensors are read one at a time (an upcycled layer's FFN
 tensors together) and every MoE tensor goes to its safetensors shard as soon as it is made. Memory holds one
@@ -46,6 +48,7 @@ from .layer_allocation import (
     write_allocation,
 )
 from .models import MOE_FAMILIES
+from .models.configuration import CT, DEFAULT_EXPERTS, METHOD_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +83,16 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int] | None:
     return sorted(set(layers))
 
 
-def parse_expert_counts(spec: str, num_layers: int) -> dict[int, int]:
+def _minimum_experts(moe_method: str) -> tuple[int, str]:
+    """The smallest expert count of an upcycled layer, and why."""
+    if moe_method == CT:
+        return 1, "one routed expert beside the original FFN"
+    return 2, "the original FFN plus new experts"
+
+
+def parse_expert_counts(spec: str, num_layers: int, moe_method: str = "lpr") -> dict[int, int]:
     """``"0-9:2,10-29:4"`` -> experts per upcycled layer (``"5:3"`` names one layer); layers left out stay dense."""
+    minimum, reason = _minimum_experts(moe_method)
     counts: dict[int, int] = {}
     for part in spec.split(","):
         layers, _, count_text = part.strip().partition(":")
@@ -98,10 +109,10 @@ def parse_expert_counts(spec: str, num_layers: int) -> dict[int, int]:
                 f"--num_experts {spec!r}: {part.strip()!r} names layers outside 0..{num_layers - 1} "
                 "(or an empty range)."
             )
-        if count < 2:
+        if count < minimum:
             raise UpcyclingError(
-                f"--num_experts {spec!r}: {part.strip()!r} gives {count} experts; an upcycled layer needs at least 2 "
-                "(the original FFN plus new experts)."
+                f"--num_experts {spec!r}: {part.strip()!r} gives {count} experts; an upcycled layer needs at least "
+                f"{minimum} ({reason})."
             )
         overlap = [i for i in range(start, end + 1) if i in counts]
         if overlap:
@@ -111,11 +122,12 @@ def parse_expert_counts(spec: str, num_layers: int) -> dict[int, int]:
 
 
 def expert_layout(
-    num_experts: int | str, moe_layers: list[int] | str | None, top_k: int, num_layers: int
+    num_experts: int | str, moe_layers: list[int] | str | None, top_k: int, num_layers: int, moe_method: str = "lpr"
 ) -> tuple[list[int] | None, int | list[int]]:
     """``--num_experts`` (a count, or per-layer counts) and ``--moe_layers`` -> the config's ``moe_layers`` and
     ``num_experts``. Per-layer counts that are all equal give a single count."""
     text = str(num_experts).strip()
+    minimum, reason = _minimum_experts(moe_method)
     if ":" not in text:
         try:
             count = int(text)
@@ -123,8 +135,8 @@ def expert_layout(
             raise UpcyclingError(
                 f"--num_experts {text!r} is neither a count (like 4) nor per-layer counts (like '0-9:2,10-29:4')."
             ) from None
-        if count < 2:
-            raise UpcyclingError(f"--num_experts must be at least 2 (the original FFN plus new experts), got {count}.")
+        if count < minimum:
+            raise UpcyclingError(f"--num_experts must be at least {minimum} ({reason}), got {count}.")
         if not 1 <= top_k <= count:
             raise UpcyclingError(f"--topk must be between 1 and --num_experts ({count}), got {top_k}.")
         if isinstance(moe_layers, list):
@@ -134,7 +146,7 @@ def expert_layout(
         raise UpcyclingError(
             f"--num_experts {text!r} names the upcycled layers itself; leave out --moe_layers ({moe_layers!r})."
         )
-    counts = parse_expert_counts(text, num_layers)
+    counts = parse_expert_counts(text, num_layers, moe_method)
     if not 1 <= top_k <= min(counts.values()):
         raise UpcyclingError(
             f"--topk must be between 1 and the smallest expert count in --num_experts ({min(counts.values())}), "
@@ -310,30 +322,45 @@ def write_upcycled(
 def upcycle(
     model_path: str | Path,
     output_path: str | Path,
-    num_experts: int | str = 4,
-    top_k: int = 2,
+    num_experts: int | str | None = None,
+    top_k: int | None = None,
     moe_layers: list[int] | str | None = None,
     seed: int = 0,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     new_corpora: list[Path] | None = None,
     old_corpora: list[Path] | None = None,
     allocation_max_tokens: int = DEFAULT_MAX_TOKENS,
+    method: str = "moe_lpr",
 ) -> Path:
     """Write the upcycled checkpoint (weights, config, generation config, tokenizer) of the dense safetensors
     checkpoint at ``model_path``.
 
-    ``num_experts`` is a count for every upcycled layer (``moe_layers`` picks them: ``None``/``"all"``,
-    ``"every:K"``, ``"0,2,5-7"`` or a list) or per-layer counts like ``"0-9:2,10-29:4"`` (layers left out stay
-    dense), or ``"auto:K"``: K new experts spread over the layers (``moe_layers`` the candidates) by the
-    cross-lingual similarity of the dense model's hidden states on ``new_corpora`` and ``old_corpora``
-    (LayerMoE; see :mod:`moelpr.layer_allocation`), the measurement saved as ``layer_allocation.json``. Weights are written in shards of at most ``max_shard_size`` (``"5GB"``, bytes...). The output appears
-    whole or not at all (see :func:`~moelpr.checkpoint_io.staged_directory`).
+    ``method`` is ``"moe_lpr"`` or ``"moe_ct"``. ``num_experts`` is a count for every upcycled layer (``moe_layers``
+    picks them: ``None``/``"all"``, ``"every:K"``, ``"0,2,5-7"`` or a list) or per-layer counts like
+    ``"0-9:2,10-29:4"`` (layers left out stay dense), or ``"auto:K"`` (MoE-LPR only): K new experts spread over the
+    layers (``moe_layers`` the candidates) by the cross-lingual similarity of the dense model's hidden states on
+    ``new_corpora`` and ``old_corpora`` (LayerMoE; see :mod:`moelpr.layer_allocation`), the measurement saved as
+    ``layer_allocation.json``. MoE-LPR counts the original FFN as expert 0, MoE-CT counts the routed experts only;
+    ``num_experts`` and ``top_k`` default to the method's (4 and 2 for MoE-LPR, 2 and 1 for MoE-CT). Weights are
+    written in shards of at most ``max_shard_size`` (``"5GB"``, bytes...). The output appears whole or not at all
+    (see :func:`~moelpr.checkpoint_io.staged_directory`).
     """
     from transformers import AutoConfig, AutoTokenizer
 
+    if method not in METHOD_NAMES:
+        raise UpcyclingError(f"--method must be one of {', '.join(METHOD_NAMES)}, got {method!r}.")
+    moe_method = METHOD_NAMES[method]
+    default_experts, default_top_k = DEFAULT_EXPERTS[moe_method]
+    num_experts = default_experts if num_experts is None else num_experts
+    top_k = default_top_k if top_k is None else top_k
     model_path, output_path = Path(model_path), Path(output_path)
     model_type = _check_paths(model_path, output_path)
     budget = parse_auto_budget(str(num_experts))
+    if budget is not None and moe_method == CT:
+        raise UpcyclingError(
+            "--num_experts auto:K spreads MoE-LPR's new experts (the original FFN being expert 0) and is not "
+            "available with --method moe_ct; give a count or per-layer counts of routed experts."
+        )
     if budget is None and (new_corpora or old_corpora):
         raise UpcyclingError("--new_corpus and --old_corpus are read only with --num_experts auto:K.")
     if budget is not None:
@@ -356,9 +383,11 @@ def upcycle(
         )
         logger.info("LayerMoE allocation of %d new experts:\n%s", budget, allocation.table())
         num_experts, moe_layers = allocation.spec, None
-    layers, counts = expert_layout(num_experts, moe_layers, top_k, dense_config.num_hidden_layers)
+    layers, counts = expert_layout(num_experts, moe_layers, top_k, dense_config.num_hidden_layers, moe_method)
     config_class, model_class = MOE_FAMILIES[model_type]
-    config = config_class.from_dense(dense_config, num_experts=counts, num_experts_per_tok=top_k, moe_layers=layers)
+    config = config_class.from_dense(
+        dense_config, moe_method=moe_method, num_experts=counts, num_experts_per_tok=top_k, moe_layers=layers
+    )
     config.architectures = [model_class.__name__]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
 
@@ -386,19 +415,27 @@ def upcycle(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=f"Upcycle a dense checkpoint ({', '.join(sorted(MOE_FAMILIES))}) into an MoE-LPR model."
+        description=f"Upcycle a dense checkpoint ({', '.join(sorted(MOE_FAMILIES))}) into an MoE-LPR or MoE-CT model."
     )
     parser.add_argument("--model_path", required=True, help="dense HF checkpoint directory (safetensors weights)")
     parser.add_argument("--output_path", required=True, help="new directory for the MoE checkpoint")
     parser.add_argument(
-        "--num_experts",
-        default="4",
-        help="experts per MoE layer, expert 0 = original FFN (default 4); or per-layer counts like '0-9:2,10-29:4' "
-        "(layers left out stay dense; not with --moe_layers); or 'auto:K': K new experts spread over the layers by "
-        "the cross-lingual similarity of hidden states on --new_corpus / --old_corpus (LayerMoE; --moe_layers then "
-        "names the candidate layers)",
+        "--method",
+        choices=list(METHOD_NAMES),
+        default="moe_lpr",
+        help="moe_lpr (default): the FFN becomes expert 0 of the routed experts; moe_ct: the FFN stays whole and "
+        "always active beside routed experts and a fusion layer (docs/moect.md)",
     )
-    parser.add_argument("--topk", type=int, default=2, help="experts per token")
+    parser.add_argument(
+        "--num_experts",
+        default=None,
+        help="experts per MoE layer: for moe_lpr expert 0 = original FFN (default 4), for moe_ct the routed experts "
+        "beside the FFN (default 2); or per-layer counts like '0-9:2,10-29:4' (layers left out stay dense; not "
+        "with --moe_layers); or, for moe_lpr, 'auto:K': K new experts spread over the layers by the cross-lingual "
+        "similarity of hidden states on --new_corpus / --old_corpus (LayerMoE; --moe_layers then names the "
+        "candidate layers)",
+    )
+    parser.add_argument("--topk", type=int, default=None, help="experts per token (default 2 for moe_lpr, 1 for moe_ct)")
     parser.add_argument(
         "--moe_layers", default=None, help="'all' (default), 'every:K', or indices like '0,2,5-7'; other layers stay dense"
     )
@@ -422,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = upcycle(
             args.model_path, args.output_path, args.num_experts, args.topk, args.moe_layers, args.seed,
-            args.max_shard_size, args.new_corpus, args.old_corpus, args.allocation_max_tokens,
+            args.max_shard_size, args.new_corpus, args.old_corpus, args.allocation_max_tokens, method=args.method,
         )
     except (UpcyclingError, AllocationError) as error:
         print(f"moelpr upcycle: error: {error}", file=sys.stderr)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The MoE-LPR demo in one command, on a CPU: SmolLM2-135M-Instruct learns Hungarian, Turkish and Greek from
-# LibreOffice's help; MoE-LPR (upcycle, stage 1, stage 2) is compared with dense full fine-tuning on the same
-# data and token budget, by per-language held-out perplexity and the routing report. See docs/demo.md.
+# LibreOffice's help; MoE-LPR (upcycle, stage 1, stage 2) is compared with dense full fine-tuning and with MoE-CT
+# on the same token budget, by per-language held-out perplexity and the routing report. See docs/demo.md.
 #
 #   bash scripts/demo.sh            # the demo (~30 min on 2 cores), outputs in work/demo/
 #   bash scripts/demo.sh --quick    # same pipeline, tiny corpora and a few steps (CI), outputs in work/demo-quick/
@@ -34,11 +34,13 @@ else
 fi
 CORPORA=$WORK/corpora
 UPCYCLED=$WORK/models/upcycled
+UPCYCLED_CT=$WORK/models/upcycled_moect
 SAVES=$WORK/saves
 EVAL=$WORK/eval
 LOGS=$WORK/logs
 NEW_TRAIN=hu_train,tr_train,el_train
 REPLAY=en_train,en_general_train,$NEW_TRAIN
+CT_MIX=$NEW_TRAIN,en_train,en_general_train   # the order of interleave_probs in demo_moect.yaml
 
 if [ -z "${MOELPR_DEMO_BF16:-}" ]; then
     # Emulated bf16 is about twice as slow as float32; native bf16 about 1.5x faster.
@@ -49,7 +51,7 @@ EVAL_DTYPE=()
 
 START=$SECONDS
 STEP=0
-TOTAL_STEPS=8
+TOTAL_STEPS=10
 step() {
     STEP=$((STEP + 1))
     printf '\n[demo %d/%d, %dm%02ds] %s\n' "$STEP" "$TOTAL_STEPS" $(((SECONDS - START) / 60)) $(((SECONDS - START) % 60)) "$*"
@@ -96,17 +98,26 @@ train stage2 examples/moelpr/demo/demo_stage2.yaml "$SAVES/stage1" "$REPLAY" "$R
 step "Baseline: dense full fine-tuning on the stage-1 data and token budget, $STAGE1_STEPS steps"
 train full_ft examples/moelpr/demo/demo_full_ft.yaml "$BASE_MODEL" "$NEW_TRAIN" "$MAX_SAMPLES" "$STAGE1_STEPS"
 
+step "MoE-CT upcycle: 2 routed experts, top-1, beside the frozen FFN"
+if [ -f "$UPCYCLED_CT/config.json" ]; then skip "$UPCYCLED_CT"; else
+    moelpr upcycle --method moe_ct --model_path "$BASE_MODEL" --output_path "$UPCYCLED_CT" --num_experts 2 --topk 1
+fi
+
+step "MoE-CT: routed experts, routers, fusion layers, embeddings on hu/tr/el + 10% English, $STAGE1_STEPS steps"
+train moect examples/moelpr/demo/demo_moect.yaml "$UPCYCLED_CT" "$CT_MIX" "$MAX_SAMPLES" "$STAGE1_STEPS"
+
 step "Evaluation: held-out perplexity per language, routing report, loss curves"
 stale=0
 [ -f "$EVAL/perplexity.json" ] || stale=1
-for run in stage1 stage2 full_ft; do [ "$SAVES/$run/train_results.json" -nt "$EVAL/perplexity.json" ] && stale=1; done
+for run in stage1 stage2 full_ft moect; do [ "$SAVES/$run/train_results.json" -nt "$EVAL/perplexity.json" ] && stale=1; done
 if [ "$stale" = 0 ]; then skip "$EVAL"; else
     heldout=()
     for lang in hu tr el en en_general; do heldout+=(--heldout "$lang=$CORPORA/${lang}_heldout.jsonl"); done
     moelpr eval --model base="$BASE_MODEL" --model full_ft="$SAVES/full_ft" \
-        --model moelpr_stage1="$SAVES/stage1" --model moelpr_stage2="$SAVES/stage2" \
+        --model moelpr_stage1="$SAVES/stage1" --model moelpr_stage2="$SAVES/stage2" --model moect="$SAVES/moect" \
         "${heldout[@]}" --old_languages en,en_general --max_tokens "$EVAL_TOKENS" --cutoff_len 256 "${EVAL_DTYPE[@]}" \
         --run_dir full_ft="$SAVES/full_ft" --run_dir moelpr_stage1="$SAVES/stage1" --run_dir moelpr_stage2="$SAVES/stage2" \
+        --run_dir moect="$SAVES/moect" \
         --output_dir "$EVAL" 2>&1 | tee "$LOGS/eval.log"
 fi
 

@@ -85,3 +85,11 @@ def per_layer_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
     from moelpr.upcycling import upcycle
 
     return upcycle(tiny_llama_dir, tmp_path_factory.mktemp("per_layer") / "moe", num_experts="0:2,2-3:3", top_k=2)
+
+
+@pytest.fixture(scope="session")
+def moect_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """Upcycled for MoE-CT with the method's defaults: 2 routed experts, top-1, every layer."""
+    from moelpr.upcycling import upcycle
+
+    return upcycle(tiny_llama_dir, tmp_path_factory.mktemp("moect") / "moe", method="moe_ct")

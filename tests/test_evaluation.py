@@ -252,3 +252,41 @@ def test_comparison_table_and_tradeoff_picture(tiny_llama_dir, upcycled_llama_di
     assert abs(row["languages"]["hu"]["gain_share"][0]) < 1e-3
     assert "| MoE-LPR |" in (tmp_path / "cmp" / "comparison.md").read_text()
     assert matplotlib.image.imread(tmp_path / "cmp" / "tradeoff.png").shape[0] > 300
+
+
+def test_eval_reports_the_fusion_weights_of_a_moect_model(tiny_llama_dir, moect_llama_dir, heldout_files, tmp_path):
+    # A fusion bias of (0, ln 3) puts weight 3/4 on the frozen FFN for every token in layer 2; the others keep
+    # the upcycled zero fusion layer (weight 1/2).
+    tuned = tmp_path / "ct_tuned"
+    model = AutoModelForCausalLM.from_pretrained(moect_llama_dir)
+    with torch.no_grad():
+        model.model.layers[2].mlp.fusion.bias.copy_(torch.tensor([0.0, math.log(3.0)]))
+    model.save_pretrained(tuned)
+    AutoTokenizer.from_pretrained(moect_llama_dir).save_pretrained(tuned)
+
+    out = tmp_path / "report"
+    argv = ["--model", f"dense={tiny_llama_dir}", "--model", f"ct={tuned}", "--output_dir", str(out),
+            "--cutoff_len", "16", "--max_tokens", "40", "--old_languages", "en"]
+    for lang, path in heldout_files.items():
+        argv += ["--heldout", f"{lang}={path}"]
+    assert eval_main(argv) == 0
+
+    report = json.loads((out / "perplexity.json").read_text())
+    for lang in ("en", "hu"):  # the routed experts are still copies of the FFN: the dense function
+        assert report["models"]["ct"]["languages"][lang]["perplexity"] == pytest.approx(
+            report["models"]["dense"]["languages"][lang]["perplexity"], rel=1e-4
+        )
+    entry = json.loads((out / "routing.json").read_text())["ct"]
+    assert (entry["method"], entry["num_experts"], entry["top_k"], entry["layers"]) == ("ct", 2, 1, [0, 1, 2, 3])
+    for lang in ("en", "hu"):
+        stats = entry["languages"][lang]
+        assert "expert0_top1_share" not in stats  # MoE-CT's expert 0 is a routed copy, not the original FFN
+        assert stats["ffn_fusion_weight"] == pytest.approx([0.5, 0.5, 0.75, 0.5], abs=1e-6)
+        assert all(len(t) == 2 and sum(t) == pytest.approx(1.0) for t in stats["top1_share"])
+    assert matplotlib.image.imread(out / "routing_heatmap.png").shape[0] > 300
+    assert check_report(out, models=["dense", "ct"], languages=["en", "hu"]) == []
+
+    routing = json.loads((out / "routing.json").read_text())
+    routing["ct"]["languages"]["hu"]["ffn_fusion_weight"][0] = 1.5
+    (out / "routing.json").write_text(json.dumps(routing))
+    assert check_report(out) == ["ct/hu: ffn_fusion_weight outside [0, 1]"]

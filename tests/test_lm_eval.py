@@ -89,17 +89,14 @@ def task_dir(tmp_path_factory) -> Path:
     return tasks
 
 
-@pytest.fixture(scope="module", params=list(EVALUATED))
-def lm_eval_run(request, stage_outputs, task_dir, tmp_path_factory) -> tuple[dict, list[dict]]:
-    """lm-eval's results and its per-document multiple-choice samples for one evaluated checkpoint."""
+def run_lm_eval(model_dir: Path, tasks: list[str], task_dir: Path, out: Path) -> dict:
+    """Run the `lm_eval` command line on ``model_dir`` offline, with samples logged under ``out``; its results."""
     assert LM_EVAL, "lm_eval is not installed: pip install -r requirements.txt"
-    model_dir = EVALUATED[request.param](stage_outputs)
-    out = tmp_path_factory.mktemp("lm_eval_out")
     command = [
         LM_EVAL,
         "--model", "hf",
         "--model_args", f"pretrained={model_dir}",
-        "--tasks", f"{PERPLEXITY_TASK},{CHOICE_TASK}",
+        "--tasks", ",".join(tasks),
         "--include_path", str(task_dir),
         "--device", "cpu",
         "--batch_size", "8",
@@ -110,8 +107,16 @@ def lm_eval_run(request, stage_outputs, task_dir, tmp_path_factory) -> tuple[dic
     run = subprocess.run(command, check=False, capture_output=True, text=True, env={**os.environ, **offline})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     (results_file,) = out.glob("*/results_*.json")
+    return json.loads(results_file.read_text())["results"]
+
+
+@pytest.fixture(scope="module", params=list(EVALUATED))
+def lm_eval_run(request, stage_outputs, task_dir, tmp_path_factory) -> tuple[dict, list[dict]]:
+    """lm-eval's results and its per-document multiple-choice samples for one evaluated checkpoint."""
+    out = tmp_path_factory.mktemp("lm_eval_out")
+    results = run_lm_eval(EVALUATED[request.param](stage_outputs), [PERPLEXITY_TASK, CHOICE_TASK], task_dir, out)
     (choice_samples,) = out.glob(f"*/samples_{CHOICE_TASK}_*.jsonl")
-    return json.loads(results_file.read_text())["results"], [json.loads(line) for line in choice_samples.open()]
+    return results, [json.loads(line) for line in choice_samples.open()]
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +137,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def test_lm_eval_perplexity_is_the_models_own(lm_eval_run, native_stage2):
-    results, _ = lm_eval_run
-    model, tokenizer = native_stage2
+def assert_perplexity_is_the_models_own(results: dict, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
     texts = [json.loads(line)["text"] for path in PERPLEXITY_DOCS for line in path.read_text().splitlines()]
     # Each document is scored from a document boundary; the tiny tokenizer has no BOS token, so that is EOS.
     assert tokenizer.bos_token_id is None
@@ -146,6 +149,27 @@ def test_lm_eval_perplexity_is_the_models_own(lm_eval_run, native_stage2):
     assert got["word_perplexity,none"] == pytest.approx(math.exp(-total / words), rel=1e-4)
     assert got["byte_perplexity,none"] == pytest.approx(math.exp(-total / text_bytes), rel=1e-4)
     assert got["bits_per_byte,none"] == pytest.approx(-total / text_bytes / math.log(2), rel=1e-4)
+
+
+def test_lm_eval_perplexity_is_the_models_own(lm_eval_run, native_stage2):
+    assert_perplexity_is_the_models_own(lm_eval_run[0], *native_stage2)
+
+
+def test_lm_eval_evaluates_a_moect_checkpoint(moect_llama_dir, task_dir, tmp_path):
+    """A MoE-CT checkpoint whose routed experts and fusion layers differ from their upcycled start (as after
+    training) loads in lm-eval like a MoE-LPR one and gets its own perplexity."""
+    model = AutoModelForCausalLM.from_pretrained(moect_llama_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in model.moe_blocks():
+            for expert in block.new_experts:
+                expert.down_proj.weight.mul_(2.0)
+            block.fusion.weight.copy_(torch.randn(block.fusion.weight.shape, generator=generator))
+    model.save_pretrained(tmp_path / "moect")
+    tokenizer = AutoTokenizer.from_pretrained(moect_llama_dir)
+    tokenizer.save_pretrained(tmp_path / "moect")
+    results = run_lm_eval(tmp_path / "moect", [PERPLEXITY_TASK], task_dir, tmp_path / "out")
+    assert_perplexity_is_the_models_own(results, model.eval(), tokenizer)
 
 
 def test_lm_eval_multiple_choice_scores_the_models_log_likelihoods(lm_eval_run, native_stage2):

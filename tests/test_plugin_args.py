@@ -13,6 +13,7 @@ import yaml
 from llamafactory.hparams import get_train_args
 
 import moelpr.llamafactory_plugin as plugin
+from moelpr.llamafactory_plugin.hparams import MoELPRArgumentError
 
 plugin.apply()  # what the startup hook does in llamafactory-cli
 
@@ -187,3 +188,67 @@ def test_trainer_refuses_to_backpropagate_another_loss(base_args, upcycled_llama
     MoELPRTrainer(**common)  # the model's own loss is fine
     with pytest.raises(ValueError, match="must be trained on the loss it returns"):
         MoELPRTrainer(**common, compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss)
+
+
+def test_moect_checkpoint_resolves_its_settings(base_args, moect_llama_dir):
+    args = {**base_args, "model_name_or_path": str(moect_llama_dir)}
+    *_, finetuning_args, _ = get_train_args(args)
+    resolved = ("moelpr_method", "moelpr_stage", "aux_loss_coef", "lpr_loss_coef", "moect_train_embeddings")
+    assert tuple(getattr(finetuning_args, key) for key in resolved) == ("moe_ct", "post_pretrain", 0.01, 0.0, True)
+    *_, finetuning_args, _ = get_train_args({**args, "moelpr_method": "moe_ct", "moect_train_embeddings": False})
+    assert finetuning_args.moect_train_embeddings is False
+    *_, finetuning_args, _ = get_train_args(base_args)
+    assert (finetuning_args.moelpr_method, finetuning_args.moect_train_embeddings) == ("moe_lpr", None)
+
+
+@pytest.mark.parametrize(
+    "checkpoint,overrides,message",
+    [
+        ("lpr", {"moelpr_method": "moe_ct"}, "`moelpr_method: moe_ct` needs a checkpoint upcycled with `moelpr upcycle "
+                                             "--method moe_ct`, but .* is a MoE-LPR checkpoint"),
+        ("lpr", {"moect_train_embeddings": True}, "`moect_train_embeddings` applies to MoE-CT checkpoints"),
+        ("ct", {"moelpr_method": "moe_lpr"}, "is a MoE-CT checkpoint \\(its config.json says `moe_method: ct`\\)"),
+        ("ct", {"moelpr_stage": "review", "generate_lang_mask": True}, "MoE-CT checkpoint, which has one training stage"),
+        ("ct", {"lpr_loss_coef": 0.1}, "`lpr_loss_coef` is MoE-LPR's loss"),
+        ("ct", {"finetuning_type": "full", "moect_train_embeddings": False}, "only apply with `finetuning_type: moelpr`"),
+    ],
+    ids=["ct_method_on_lpr", "ct_embeddings_key_on_lpr", "lpr_method_on_ct", "review_on_ct", "lpr_loss_on_ct",
+         "ct_key_without_moelpr"],
+)
+def test_method_settings_must_match_the_checkpoint(base_args, moect_llama_dir, checkpoint, overrides, message):
+    args = {**base_args, **overrides}
+    if checkpoint == "ct":
+        args["model_name_or_path"] = str(moect_llama_dir)
+    with pytest.raises(MoELPRArgumentError, match=message):
+        get_train_args(args)
+
+
+def test_moect_recipe_parses_with_the_authors_settings(moect_llama_dir, tmp_path):
+    recipe = yaml.safe_load((REPO_DATA.parent / "examples" / "moelpr" / "moect.yaml").read_text())
+    recipe.update(model_name_or_path=str(moect_llama_dir), output_dir=str(tmp_path), bf16=False, use_cpu=True)
+    recipe["dataset_dir"] = str(REPO_DATA)
+    _, data_args, training_args, finetuning_args, _ = get_train_args(recipe)
+    assert (finetuning_args.moelpr_method, finetuning_args.moect_train_embeddings) == ("moe_ct", True)
+    assert (training_args.learning_rate, training_args.adam_beta1, training_args.adam_beta2) == (5e-5, 0.9, 0.95)
+    assert training_args.weight_decay == 0.0 and str(training_args.lr_scheduler_type) == "SchedulerType.COSINE"
+    assert data_args.mix_strategy == "interleave_under" and data_args.generate_lang_mask
+
+
+@pytest.mark.parametrize("train_embeddings", [True, False])
+def test_moect_freeze_rules_with_tied_embeddings(tmp_path, train_embeddings):
+    """Tied input and output embeddings are one tensor: it trains once (or not at all) with the MoE-CT modules."""
+    from tiny_models import save_dense_model
+    from transformers import AutoModelForCausalLM
+
+    from moelpr.llamafactory_plugin.model import setup_moelpr_tuning
+    from moelpr.upcycling import upcycle
+
+    dense = save_dense_model(tmp_path / "dense", "qwen2", num_layers=2, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_pretrained(upcycle(dense, tmp_path / "ct", moe_layers=[1], method="moe_ct"))
+    setup_moelpr_tuning(model, "post_pretrain", upcast_trainable=False, train_embeddings=train_embeddings)
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    moe = {name for name, _ in model.named_parameters() if name.startswith("model.layers.1.mlp.")}
+    moe = {name for name in moe if ".original_expert." not in name}
+    assert {name.split(".mlp.")[1].split(".")[0] for name in moe} == {"router", "new_experts", "fusion"}
+    assert trained == moe | ({"model.embed_tokens.weight"} if train_embeddings else set())
+    assert model.lm_head.weight.requires_grad == train_embeddings  # the same tensor as the input embeddings

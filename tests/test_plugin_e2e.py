@@ -252,3 +252,43 @@ def test_llamafactory_export_of_a_stage_output_loads_again(stage_outputs, tmp_pa
     assert type(model).__name__ == "MixtralForCausalLM"
     assert torch.equal(logits["llamafactory"], logits["trained"])
     assert (logits["mixtral"] - logits["trained"]).abs().max() <= 1e-5
+
+
+MOE_PARTS = ("router", "new_experts", "fusion")
+
+
+def test_moect_trains_exactly_its_modules_and_logs_the_fusion_weights(moect_llama_dir, tmp_path):
+    common = {
+        "model_name_or_path": str(moect_llama_dir),
+        "dataset": "new_hu,new_tr,old_en",
+        "learning_rate": 1e-3,
+        "max_steps": 3,
+        "save_steps": 10,
+    }
+    out = train(tmp_path, "moect", moelpr_method="moe_ct", generate_lang_mask=True, **common)
+    before = weights(Path(moect_llama_dir))
+    diff = changed(before, weights(out))
+    layers = range(4)
+    trained = {f"model.layers.{i}.mlp.{part}.weight" for i in layers for part in ("router", "fusion")}
+    trained |= {f"model.layers.{i}.mlp.fusion.bias" for i in layers}
+    trained |= {"model.embed_tokens.weight", "lm_head.weight"}  # the tiny llama's embeddings are not tied
+    assert trained <= diff and any(".mlp.new_experts." in k for k in diff)
+    assert all(k in trained or ".mlp.new_experts." in k for k in diff), diff - trained
+    config = json.loads((out / "config.json").read_text())
+    assert (config["moe_method"], config["router_aux_loss_coef"], config["lpr_loss_coef"]) == ("ct", 0.01, 0)
+
+    logged = [entry for entry in routing_log(out) if "loss" in entry]
+    assert [entry["current_steps"] for entry in logged] == [1, 2, 3]
+    for entry in logged:
+        assert {"lm_loss", "aux_loss", "expert_share_0", "expert_share_1", "ffn_fusion_weight"} <= entry.keys()
+        assert "lpr_loss" not in entry and "old_lang_expert0_top1_share" not in entry
+        assert abs(entry["expert_share_0"] + entry["expert_share_1"] - 1) < 1e-3
+        assert 0 < entry["ffn_fusion_weight"] < 1
+    # The fusion layers start at zero (weight 1/2 on the frozen FFN for every token), then learn.
+    assert logged[0]["ffn_fusion_weight"] == 0.5 and logged[-1]["ffn_fusion_weight"] != 0.5
+    assert any("old_lang_ffn_fusion_weight" in e and "new_lang_ffn_fusion_weight" in e for e in logged)
+    assert (out / "training_ffn_fusion_weight.png").is_file()
+
+    frozen_embeddings = train(tmp_path, "moect_frozen_embeddings", moect_train_embeddings=False, **common)
+    diff = changed(before, weights(frozen_embeddings))
+    assert diff and all(any(f".mlp.{part}." in k for part in MOE_PARTS) for k in diff), diff

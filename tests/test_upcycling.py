@@ -115,6 +115,13 @@ def _broken_dense_dirs(dense_dir: Path, tmp_path: Path) -> dict[str, Path]:
          "--topk must be between 1 and the smallest expert count in --num_experts (2), got 3"),
         ("spec out of range", ["--num_experts", "0-1:2,3-4:4"], "'3-4:4' names layers outside 0..3"),
         ("spec syntax", ["--num_experts", "0-1:2,x:3"], "'x:3' is not LAYERS:COUNT"),
+        # MoE-CT counts routed experts, at least one, with its own defaults (2 experts, top-1).
+        ("ct without experts", ["--method", "moe_ct", "--num_experts", "0"],
+         "--num_experts must be at least 1 (one routed expert beside the original FFN), got 0"),
+        ("ct spec without experts", ["--method", "moe_ct", "--num_experts", "0-1:0,2-3:2"],
+         "'0-1:0' gives 0 experts; an upcycled layer needs at least 1 (one routed expert beside the original FFN)"),
+        ("ct topk", ["--method", "moe_ct", "--topk", "3"], "--topk must be between 1 and --num_experts (2), got 3"),
+        ("ct auto", ["--method", "moe_ct", "--num_experts", "auto:4"], "is not available with --method moe_ct"),
     ],
 )
 def test_bad_requests_get_one_clear_line_and_write_nothing(
@@ -236,3 +243,29 @@ def test_tied_bf16_model_keeps_its_tied_embeddings_and_dtype(tmp_path):
     input_ids = torch.randint(2, dense.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (moe(input_ids=input_ids).logits - dense(input_ids=input_ids).logits).abs().max() <= 1e-5
+
+
+def test_moect_method_writes_the_ffn_its_routed_copies_and_a_zero_fusion_layer(tiny_qwen2_dir, tmp_path, capsys):
+    out = tmp_path / "ct"
+    assert main(["--method", "moe_ct", "--model_path", str(tiny_qwen2_dir), "--output_path", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["moe_method"], config["num_experts"], config["num_experts_per_tok"]) == (
+        "qwen2_moelpr", "ct", 2, 1
+    )
+    moe, dense = load_file(out / "model.safetensors"), load_file(tiny_qwen2_dir / "model.safetensors")
+    for layer in range(4):
+        prefix = f"model.layers.{layer}.mlp."
+        for suffix in ("gate_proj", "up_proj", "down_proj"):
+            original = dense[f"{prefix}{suffix}.weight"]
+            for expert in ("original_expert", "new_experts.0", "new_experts.1"):
+                assert torch.equal(moe[f"{prefix}{expert}.{suffix}.weight"], original)
+        assert moe[f"{prefix}router.weight"].shape == (2, 64) and moe[f"{prefix}router.weight"].abs().max() > 0
+        assert not moe[f"{prefix}fusion.weight"].any() and not moe[f"{prefix}fusion.bias"].any()
+        assert moe[f"{prefix}fusion.weight"].shape == (2, 64) and f"{prefix}new_experts.2.up_proj.weight" not in moe
+
+    # Per-layer counts: one routed expert is enough for MoE-CT.
+    per_layer = upcycle(tiny_qwen2_dir, tmp_path / "ct_per_layer", num_experts="0:1,2-3:2", method="moe_ct")
+    model = AutoModelForCausalLM.from_pretrained(per_layer)
+    assert [len(layer.mlp.new_experts) if hasattr(layer.mlp, "new_experts") else None for layer in model.model.layers] == [
+        1, None, 2, 2
+    ]

@@ -79,17 +79,22 @@ def check_report(report_dir: Path, models: Sequence[str] = (), languages: Sequen
             if entry is None:
                 problems.append(f"routing.json has no entry for MoE model {name}")
                 continue
+            # How much each layer uses the original FFN: MoE-LPR's expert-0 share, MoE-CT's fusion weight.
+            ffn_key = "ffn_fusion_weight" if entry.get("method") == "ct" else "expert0_top1_share"
             for lang in report_languages:
                 stats = entry["languages"].get(lang, {})
-                shares, probs = stats.get("expert0_top1_share", []), stats.get("mean_router_prob", [])
-                if len(shares) != len(entry["layers"]) or len(probs) != len(entry["layers"]):
+                ffn_use, probs = stats.get(ffn_key, []), stats.get("mean_router_prob", [])
+                top1 = stats.get("top1_share", [])
+                if not len(ffn_use) == len(probs) == len(top1) == len(entry["layers"]):
                     problems.append(f"{name}/{lang}: routing has not one value per MoE layer")
-                elif not all(0.0 <= s <= 1.0 for s in shares):
-                    problems.append(f"{name}/{lang}: expert-0 share outside [0, 1]")
-                elif [len(p) for p in probs] != _experts_per_layer(entry):
+                elif not all(0.0 <= s <= 1.0 for s in ffn_use):
+                    problems.append(f"{name}/{lang}: {ffn_key} outside [0, 1]")
+                elif not [len(p) for p in probs] == [len(t) for t in top1] == _experts_per_layer(entry):
                     problems.append(f"{name}/{lang}: router probabilities do not list each layer's experts")
                 elif not all(math.isclose(sum(p), 1.0, rel_tol=1e-3) for p in probs):
                     problems.append(f"{name}/{lang}: router probabilities do not sum to 1 over the experts")
+                elif not all(math.isclose(sum(t), 1.0, rel_tol=1e-6) for t in top1):
+                    problems.append(f"{name}/{lang}: top-1 shares do not sum to 1 over the experts")
         _check_png(report_dir / "routing_heatmap.png", problems)
     if runs:
         _check_png(report_dir / "loss_curves.png", problems)

@@ -42,8 +42,9 @@ class RoutingTotals:
     tokens: int = 0
     top1_counts: list[torch.Tensor] = field(default_factory=list)  # per layer: [num_experts]
     prob_sums: list[torch.Tensor] = field(default_factory=list)  # per layer: [num_experts]
+    ffn_weight_sums: list[float] = field(default_factory=list)  # per layer (MoE-CT): fusion weight on the frozen FFN
 
-    def add(self, router_logits: Sequence[torch.Tensor]) -> None:
+    def add(self, router_logits: Sequence[torch.Tensor], ffn_fusion_weights: Sequence[torch.Tensor] | None = None) -> None:
         for layer, logits in enumerate(router_logits):
             logits = logits.detach().float()
             counts = torch.bincount(logits.argmax(dim=-1), minlength=logits.shape[-1]).double()
@@ -53,15 +54,27 @@ class RoutingTotals:
                 self.prob_sums.append(torch.zeros_like(probs))
             self.top1_counts[layer] += counts
             self.prob_sums[layer] += probs
+        for layer, weights in enumerate(ffn_fusion_weights or ()):
+            if layer == len(self.ffn_weight_sums):
+                self.ffn_weight_sums.append(0.0)
+            self.ffn_weight_sums[layer] += weights.detach().double().sum().item()
         self.tokens += int(router_logits[0].shape[0]) if router_logits else 0
 
     def expert0_top1_share(self) -> list[float]:
         """Per layer: share of tokens whose highest-scoring expert is expert 0 (the original FFN)."""
         return [float(c[0] / self.tokens) for c in self.top1_counts]
 
+    def top1_share(self) -> list[list[float]]:
+        """Per layer, per expert: share of tokens whose highest-scoring expert it is."""
+        return [(c / self.tokens).tolist() for c in self.top1_counts]
+
     def mean_router_prob(self) -> list[list[float]]:
         """Per layer, per expert: router softmax probability averaged over tokens."""
         return [(p / self.tokens).tolist() for p in self.prob_sums]
+
+    def ffn_fusion_weight(self) -> list[float]:
+        """Per layer (MoE-CT): the fusion weight on the frozen FFN averaged over tokens."""
+        return [w / self.tokens for w in self.ffn_weight_sums]
 
 
 @dataclass
@@ -122,5 +135,5 @@ def evaluate_language(
         block_nll += nll.reshape(targets.shape).double().sum(dim=1).tolist()
         block_tokens += [targets.shape[1]] * targets.shape[0]
         if routing is not None:
-            routing.add(outputs.router_logits)
+            routing.add(outputs.router_logits, outputs.ffn_fusion_weights)
     return LanguageResult(block_nll, block_tokens, routing, blocks_digest(blocks))

@@ -36,11 +36,12 @@ def _padded(per_layer: Sequence[Sequence[float]]) -> np.ndarray:
 
 
 def routing_heatmap(routing: Mapping[str, Mapping], languages: Sequence[str], old_languages: set[str], path: Path) -> None:
-    """One column per MoE model. Top: share of tokens whose top-1 expert is expert 0, per MoE layer and
-    language, on a fixed 0-1 scale so models compare at a glance. Bottom: each expert's router probability
-    averaged over tokens and layers, per language, on a scale fitted to the values (they often differ only
-    in the second decimal); where layers have different numbers of experts, a layer without expert ``e``
-    counts 0 for it, as the training logs' ``expert_share_{e}`` does."""
+    """One column per MoE model. Top: how much each MoE layer uses the original FFN, per language, on a fixed 0-1
+    scale so models compare at a glance: for MoE-LPR the share of tokens whose top-1 expert is expert 0 (the
+    original FFN), for MoE-CT the mean fusion weight on the frozen FFN. Bottom: each expert's router probability
+    averaged over tokens and layers, per language, on a scale fitted to the values (they often differ only in
+    the second decimal); where layers have different numbers of experts, a layer without expert ``e`` counts 0
+    for it, as the training logs' ``expert_share_{e}`` does."""
     models = list(routing)
     num_layers = max(len(routing[m]["layers"]) for m in models)
     labels = [f"{lang}\n({'old' if lang in old_languages else 'new'})" for lang in languages]
@@ -56,12 +57,17 @@ def routing_heatmap(routing: Mapping[str, Mapping], languages: Sequence[str], ol
     )
     for col, model in enumerate(models):
         report = routing[model]
-        share = np.array([[report["languages"][lang]["expert0_top1_share"][i] for lang in languages] for i in range(len(report["layers"]))])
-        _annotated_heatmap(fig, axes[0, col], share, [f"layer {i}" for i in report["layers"]], labels,
-                           f"{model}\nshare of tokens whose top-1 expert is expert 0", (0.0, 1.0), 2)
-        _annotated_heatmap(fig, axes[1, col], probs[model], labels, [f"expert {e}" for e in range(probs[model].shape[1])],
+        ct = report.get("method") == "ct"
+        key, what = ("ffn_fusion_weight", "mean fusion weight on the frozen FFN") if ct else (
+            "expert0_top1_share", "share of tokens whose top-1 expert is expert 0")
+        values = np.array([[report["languages"][lang][key][i] for lang in languages] for i in range(len(report["layers"]))])
+        _annotated_heatmap(fig, axes[0, col], values, [f"layer {i}" for i in report["layers"]], labels,
+                           f"{model} ({'MoE-CT' if ct else 'MoE-LPR'})\n{what}", (0.0, 1.0), 2)
+        experts = [f"{'routed' if ct else 'expert'} {e}" for e in range(probs[model].shape[1])]
+        _annotated_heatmap(fig, axes[1, col], probs[model], labels, experts,
                            f"{model}\nmean router probability (over tokens and layers)", prob_range, 3)
-    fig.suptitle("Routing on held-out text (expert 0 = the original dense FFN)", fontsize=11)
+    fig.suptitle("Use of the original FFN on held-out text (MoE-LPR: expert 0 of the router; MoE-CT: the frozen FFN "
+                 "beside the routed experts)", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -7,10 +7,12 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..jsonl_texts import iter_jsonl_texts
+from ..models.configuration import CT, LPR
 from ..tokenization import restore_add_bos_token
 from .intervals import DEFAULT_LEVEL, DEFAULT_SAMPLES, change_interval, perplexity_interval
 from .perplexity import LanguageResult, evaluate_language, token_blocks
@@ -68,6 +70,31 @@ def _with_intervals(results: Mapping[str, dict], languages: Sequence[str]) -> No
                 "interval": list(interval),
                 "paired": paired,
             }
+
+
+def routing_report(config: Any, per_language: Mapping[str, LanguageResult], old_languages: set[str]) -> dict:
+    """routing.json's entry for one MoE model: per language and MoE layer, each expert's top-1 share and mean
+    router probability, and how much the original FFN is used: MoE-LPR's share of tokens whose top-1 expert is
+    expert 0 (``expert0_top1_share``), MoE-CT's mean fusion weight on the frozen FFN (``ffn_fusion_weight``;
+    its routed experts are all new, so expert 0 is not the FFN there)."""
+    method = getattr(config, "moe_method", LPR)
+    languages = {}
+    for lang, result in per_language.items():
+        totals = result.routing
+        entry = {"role": "old" if lang in old_languages else "new", "tokens": totals.tokens}
+        if method == CT:
+            entry["ffn_fusion_weight"] = totals.ffn_fusion_weight()
+        else:
+            entry["expert0_top1_share"] = totals.expert0_top1_share()
+        entry.update(top1_share=totals.top1_share(), mean_router_prob=totals.mean_router_prob())
+        languages[lang] = entry
+    return {
+        "method": method,
+        "layers": moe_layer_indices(config),
+        "num_experts": config.num_experts,  # one count, or one per entry of "layers"
+        "top_k": config.num_experts_per_tok,
+        "languages": languages,
+    }
 
 
 def _perplexity_markdown(results: Mapping[str, Mapping], languages: Sequence[str], old: set[str], settings: Mapping) -> str:
@@ -177,20 +204,7 @@ def evaluate(
             "eval_tokens_per_second": sum(r.predicted_tokens for r in per_language.values()) / compute_seconds,
         }
         if moe:
-            routing[name] = {
-                "layers": moe_layer_indices(model.config),
-                "num_experts": model.config.num_experts,  # one count, or one per entry of "layers"
-                "top_k": model.config.num_experts_per_tok,
-                "languages": {
-                    lang: {
-                        "role": "old" if lang in old_languages else "new",
-                        "tokens": r.routing.tokens,
-                        "expert0_top1_share": r.routing.expert0_top1_share(),
-                        "mean_router_prob": r.routing.mean_router_prob(),
-                    }
-                    for lang, r in per_language.items()
-                },
-            }
+            routing[name] = routing_report(model.config, per_language, old_languages)
         del model
 
     _with_intervals(results, languages)

@@ -9,12 +9,15 @@ from typing import Any, Literal
 from llamafactory.extras.misc import has_tokenized_data
 from llamafactory.hparams import DataArguments, FinetuningArguments, ModelArguments, TrainingArguments
 
+from moelpr.models.configuration import CT, LPR, METHOD_NAMES
+
 MOELPR = "moelpr"
 POST_PRETRAIN = "post_pretrain"
 REVIEW = "review"
 OLD, NEW = "old", "new"
 LANGUAGES = (OLD, NEW)
-
+# What the user writes for each method (``moelpr_method``), by the checkpoint's ``moe_method``.
+METHOD_KEYS = {method: key for key, method in METHOD_NAMES.items()}
 
 
 class MoELPRArgumentError(ValueError):
@@ -32,6 +35,15 @@ class MoELPRFinetuningArguments(FinetuningArguments):
         default="lora",
         metadata={"help": "Which fine-tuning method to use; `moelpr` trains an upcycled MoE-LPR model."},
     )
+    moelpr_method: Literal["moe_lpr", "moe_ct"] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "The method the checkpoint was upcycled for (`moelpr upcycle --method`): `moe_lpr` or `moe_ct`. "
+                "Optional: the checkpoint's config says it; when given, it must match."
+            )
+        },
+    )
     moelpr_stage: Literal["post_pretrain", "review"] | None = field(
         default=None,
         metadata={
@@ -48,12 +60,21 @@ class MoELPRFinetuningArguments(FinetuningArguments):
     )
     lpr_loss_coef: float | None = field(
         default=None,
-        metadata={"help": "Weight of the LPR loss (review stage only). Default: 0.1 in review."},
+        metadata={"help": "Weight of the LPR loss (MoE-LPR's review stage only). Default: 0.1 in review."},
+    )
+    moect_train_embeddings: bool | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "MoE-CT only: also train the token embeddings and the LM head, as the paper does. Default: true; "
+                "false keeps them frozen (then only the routed experts, routers and fusion layers train)."
+            )
+        },
     )
 
     def __post_init__(self) -> None:
         if self.finetuning_type != MOELPR:
-            moelpr_keys = ("moelpr_stage", "aux_loss_coef", "lpr_loss_coef")
+            moelpr_keys = ("moelpr_method", "moelpr_stage", "aux_loss_coef", "lpr_loss_coef", "moect_train_embeddings")
             given = [key for key in moelpr_keys if getattr(self, key) is not None]
             if given:
                 raise MoELPRArgumentError(f"{', '.join(f'`{k}`' for k in given)} only apply with `finetuning_type: moelpr`.")
@@ -69,11 +90,6 @@ class MoELPRFinetuningArguments(FinetuningArguments):
             self.finetuning_type = MOELPR
 
         self.moelpr_stage = self.moelpr_stage or POST_PRETRAIN
-        if self.moelpr_stage == POST_PRETRAIN and self.lpr_loss_coef:
-            raise MoELPRArgumentError(
-                "`lpr_loss_coef` applies to the review stage only: post-pretraining (stage 1) sees new-language "
-                "text and trains the new experts; set `moelpr_stage: review` for the LPR loss, or drop the key."
-            )
         if self.aux_loss_coef is None:
             self.aux_loss_coef = DEFAULT_AUX_LOSS_COEF[self.moelpr_stage]
         if self.lpr_loss_coef is None:
@@ -111,7 +127,8 @@ def dataset_languages(dataset_names: list[str] | None, dataset_dir: str) -> dict
     return {name: attr.language for name, attr in zip(names, get_dataset_list(names, dataset_dir))}
 
 
-def _check_model_is_moelpr(model_args: ModelArguments) -> None:
+def _check_model_is_moelpr(model_args: ModelArguments) -> Any:
+    """The checkpoint's config, once it is known to be an unquantized upcycled model."""
     from llamafactory.model.loader import load_config
 
     from .model import MOELPR_MODEL_TYPES
@@ -129,6 +146,45 @@ def _check_model_is_moelpr(model_args: ModelArguments) -> None:
             f"a {model_type!r} model. Upcycle it first (`moelpr upcycle --model_path {model_args.model_name_or_path} "
             "--output_path <moe_dir> --num_experts 4 --topk 2`) and set `model_name_or_path: <moe_dir>`."
         )
+    return config
+
+
+def _check_method_settings(finetuning_args: MoELPRFinetuningArguments, method: str, model_path: str) -> None:
+    """Check the method's keys against the checkpoint's ``moe_method`` and resolve ``moelpr_method`` and
+    ``moect_train_embeddings``."""
+    key = METHOD_KEYS[method]
+    name = {LPR: "MoE-LPR", CT: "MoE-CT"}[method]
+    if finetuning_args.moelpr_method not in (None, key):
+        raise MoELPRArgumentError(
+            f"`moelpr_method: {finetuning_args.moelpr_method}` needs a checkpoint upcycled with `moelpr upcycle "
+            f"--method {finetuning_args.moelpr_method}`, but {model_path} is a {name} checkpoint (its config.json "
+            f"says `moe_method: {method}`); set `moelpr_method: {key}` or upcycle the dense model again."
+        )
+    finetuning_args.moelpr_method = key
+    if method == LPR:
+        if finetuning_args.moect_train_embeddings is not None:
+            raise MoELPRArgumentError(
+                f"`moect_train_embeddings` applies to MoE-CT checkpoints, but {model_path} is a MoE-LPR checkpoint, "
+                "whose embeddings always stay frozen; remove the key."
+            )
+        if finetuning_args.moelpr_stage == POST_PRETRAIN and finetuning_args.lpr_loss_coef:
+            raise MoELPRArgumentError(
+                "`lpr_loss_coef` applies to the review stage only: post-pretraining (stage 1) sees new-language "
+                "text and trains the new experts; set `moelpr_stage: review` for the LPR loss, or drop the key."
+            )
+        return
+    if finetuning_args.moelpr_stage == REVIEW:
+        raise MoELPRArgumentError(
+            f"{model_path} is a MoE-CT checkpoint, which has one training stage (`moelpr_stage: post_pretrain`, the "
+            "default); `moelpr_stage: review` is MoE-LPR's router-only stage."
+        )
+    if finetuning_args.lpr_loss_coef:
+        raise MoELPRArgumentError(
+            f"`lpr_loss_coef` is MoE-LPR's loss (old-language tokens to the original FFN as expert 0), but {model_path} "
+            "is a MoE-CT checkpoint, whose original FFN is always active outside the router; remove the key."
+        )
+    if finetuning_args.moect_train_embeddings is None:
+        finetuning_args.moect_train_embeddings = True
 
 
 def _check_dataset_languages(data_args: MoELPRDataArguments, review: bool) -> None:
@@ -198,8 +254,9 @@ def _unsafe_options(
     given = [f"`{key}`" for key, value in tokens.items() if value]
     if given:
         unsafe.append(
-            f"{', '.join(given)} would add embedding rows that moelpr keeps frozen (the embeddings are original "
-            "parameters), so the new tokens would never be learned; extend the tokenizer before upcycling instead."
+            f"{', '.join(given)} would add embedding rows after upcycling: MoE-LPR keeps the embeddings frozen, so "
+            "the new tokens would never be learned, and moelpr keeps the vocabulary of the upcycled checkpoint for "
+            "MoE-CT as well; extend the tokenizer (and the dense model's embeddings) before upcycling instead."
         )
     if training_args.label_smoothing_factor:
         unsafe.append(
@@ -247,13 +304,14 @@ def check_moelpr_args(
     if unsafe:
         raise MoELPRArgumentError(" ".join(unsafe))
 
+    config = _check_model_is_moelpr(model_args)
+    _check_method_settings(finetuning_args, getattr(config, "moe_method", LPR), model_args.model_name_or_path)
     review = finetuning_args.moelpr_stage == REVIEW
     if review and not data_args.generate_lang_mask:
         raise MoELPRArgumentError(
             "The review stage (`moelpr_stage: review`) applies the LPR loss to old-language tokens, which needs "
             "the language mask: set `generate_lang_mask: true`."
         )
-    _check_model_is_moelpr(model_args)
     if data_args.tokenized_path and has_tokenized_data(data_args.tokenized_path):
         _check_tokenized_languages(data_args, review)
     else:

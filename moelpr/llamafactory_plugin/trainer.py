@@ -12,7 +12,8 @@ from llamafactory.train.callbacks import LogCallback
 from llamafactory.train.pt.trainer import CustomTrainer
 from transformers.trainer import TRAINER_STATE_NAME
 
-from moelpr.models import routing_stats
+from moelpr.models import fusion_stats, routing_stats
+from moelpr.models.configuration import CT
 from moelpr.models.modeling import micro_batch_share
 
 from .hparams import MoELPRArgumentError
@@ -21,17 +22,20 @@ from .model import is_moelpr_model
 LOSS_KEYS = ("lm_loss", "aux_loss", "lpr_loss")
 EXPERT_SHARE_PREFIX = "expert_share_"
 OLD_LANG_EXPERT0_KEY = "old_lang_expert0_top1_share"
+# MoE-CT: mean fusion weight on the frozen FFN, over all tokens and over old- / new-language ones (fusion_stats).
+FUSION_KEYS = ("ffn_fusion_weight", "old_lang_ffn_fusion_weight", "new_lang_ffn_fusion_weight")
 
 
 def is_routing_log_key(key: str) -> bool:
-    return key in LOSS_KEYS or key == OLD_LANG_EXPERT0_KEY or key.startswith(EXPERT_SHARE_PREFIX)
+    return key in LOSS_KEYS or key == OLD_LANG_EXPERT0_KEY or key in FUSION_KEYS or key.startswith(EXPERT_SHARE_PREFIX)
 
 
 class RoutingMeter:
     """Means of the per-micro-batch routing values since the last log, over all ranks."""
 
     def __init__(self, num_experts: int) -> None:
-        self.keys = [*LOSS_KEYS, *(f"{EXPERT_SHARE_PREFIX}{i}" for i in range(num_experts)), OLD_LANG_EXPERT0_KEY]
+        experts = (f"{EXPERT_SHARE_PREFIX}{i}" for i in range(num_experts))
+        self.keys = [*LOSS_KEYS, *experts, OLD_LANG_EXPERT0_KEY, *FUSION_KEYS]
         self._sums = torch.zeros(2, len(self.keys), dtype=torch.float64)  # row 0: sums, row 1: counts
 
     def add(self, values: dict[str, float]) -> None:
@@ -73,13 +77,20 @@ class MoELPRTrainer(CustomTrainer):
 
         inputs = {**inputs, "output_router_logits": True}
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        token_mask, lang_mask = inputs.get("attention_mask"), inputs.get("lang_mask")
+        ct = self.model.config.moe_method == CT
+        # MoE-CT's expert 0 is a routed copy, not the original FFN: its use shows in the fusion weights instead.
         values = routing_stats(
             outputs.router_logits,
             self.model.config.num_experts_per_tok,
-            token_mask=inputs.get("attention_mask"),
-            lang_mask=inputs.get("lang_mask"),
+            token_mask=token_mask,
+            lang_mask=None if ct else lang_mask,
         )
-        values.update(aux_loss=outputs.aux_loss.item(), lpr_loss=outputs.lpr_loss.item())
+        values["aux_loss"] = outputs.aux_loss.item()
+        if ct:
+            values.update(fusion_stats(outputs.ffn_fusion_weights, token_mask, lang_mask))
+        else:
+            values["lpr_loss"] = outputs.lpr_loss.item()
         # The model scales its LM loss by this micro-batch's share of the step's tokens; undo it so
         # lm_loss reads as a per-token loss whatever the gradient accumulation.
         share = micro_batch_share(inputs["labels"], num_items_in_batch)

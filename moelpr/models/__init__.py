@@ -5,8 +5,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .gemma3_text_moelpr import Gemma3TextMoELPRConfig, Gemma3TextMoELPRForCausalLM
 from .llama_moelpr import LlamaMoELPRConfig, LlamaMoELPRForCausalLM
 from .mistral_moelpr import MistralMoELPRConfig, MistralMoELPRForCausalLM
-from .modeling import MoELPRCausalLMOutputWithPast, MoELPRForCausalLMMixin
+from .modeling import MOE_BLOCK_CLASSES, MoELPRCausalLMOutputWithPast, MoELPRForCausalLMMixin
 from .moe import MoELPRSparseBlock, routing_stats
+from .moe_ct import MoECTBlock, fusion_stats
 from .qwen2_moelpr import Qwen2MoELPRConfig, Qwen2MoELPRForCausalLM
 from .qwen3_moelpr import Qwen3MoELPRConfig, Qwen3MoELPRForCausalLM
 
@@ -24,6 +25,7 @@ for _config_class, _model_class in MOE_FAMILIES.values():
     AutoModelForCausalLM.register(_config_class, _model_class, exist_ok=True)
 
 __all__ = [
+    "MOE_BLOCK_CLASSES",
     "MOE_FAMILIES",
     "Gemma3TextMoELPRConfig",
     "Gemma3TextMoELPRForCausalLM",
@@ -31,6 +33,7 @@ __all__ = [
     "LlamaMoELPRForCausalLM",
     "MistralMoELPRConfig",
     "MistralMoELPRForCausalLM",
+    "MoECTBlock",
     "MoELPRCausalLMOutputWithPast",
     "MoELPRForCausalLMMixin",
     "MoELPRSparseBlock",
@@ -38,5 +41,6 @@ __all__ = [
     "Qwen2MoELPRForCausalLM",
     "Qwen3MoELPRConfig",
     "Qwen3MoELPRForCausalLM",
+    "fusion_stats",
     "routing_stats",
 ]

@@ -5,13 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+LPR = "lpr"
+CT = "ct"
+# The methods as users name them (``moelpr upcycle --method``, the ``moelpr_method`` YAML key) -> ``moe_method``.
+METHOD_NAMES = {"moe_lpr": LPR, "moe_ct": CT}
+# (num_experts, num_experts_per_tok) when the user gives none: MoE-LPR's paper setting, and MoE-CT's two routed
+# experts (the authors' 1.8B configuration) with top-1, the default of DeepSpeed's residual MoE they build on.
+DEFAULT_EXPERTS = {LPR: (4, 2), CT: (2, 1)}
+
 
 @dataclass(kw_only=True, repr=False)
 class MoELPRConfigMixin:
     r"""Fields and checks every ``*_moelpr`` config adds to its dense family's config.
 
-    num_experts: experts per MoE layer, expert 0 being the original FFN; or one count per MoE layer (in the
-        order of ``moe_layer_indices``) when layers get different numbers of experts.
+    moe_method: ``"lpr"`` (MoE-LPR: the original FFN is expert 0 of the routed experts) or ``"ct"`` (MoE-CT: the
+        original FFN stays outside the router, always active, mixed with the routed experts by a learned fusion
+        layer; see ``moe_ct.py``).
+    num_experts: experts per MoE layer; or one count per MoE layer (in the order of ``moe_layer_indices``) when
+        layers get different numbers of experts. MoE-LPR counts the original FFN as expert 0; MoE-CT counts only
+        the routed experts (the original FFN comes on top).
     num_experts_per_tok: top-k experts each token is routed to.
     moe_layers: indices of the upcycled layers; ``None`` upcycles every layer, the others stay dense.
     router_aux_loss_coef: weight of the load-balancing loss.
@@ -19,6 +31,7 @@ class MoELPRConfigMixin:
     output_router_logits: return router logits in the model output.
     """
 
+    moe_method: str = LPR
     num_experts: int | list[int] = 4
     num_experts_per_tok: int = 2
     moe_layers: list[int] | None = None
@@ -27,6 +40,13 @@ class MoELPRConfigMixin:
     output_router_logits: bool = False
 
     def validate_moe(self) -> None:
+        if self.moe_method not in DEFAULT_EXPERTS:
+            raise ValueError(f"moe_method must be one of {sorted(DEFAULT_EXPERTS)}, got {self.moe_method!r}.")
+        if self.moe_method == CT and self.lpr_loss_coef:
+            raise ValueError(
+                "lpr_loss_coef must be 0 for MoE-CT: the LPR loss routes old-language tokens to the original FFN, "
+                f"which MoE-CT keeps outside the router; got {self.lpr_loss_coef}."
+            )
         if self.moe_layers is not None:
             bad = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
             if bad or not self.moe_layers:
@@ -40,8 +60,10 @@ class MoELPRConfigMixin:
             raise ValueError(
                 f"num_experts lists one count per MoE layer ({len(self.moe_layer_indices)} layers), got {len(counts)}."
             )
-        if min(counts) < 2:
+        if self.moe_method == LPR and min(counts) < 2:
             raise ValueError(f"every MoE layer needs at least 2 experts (expert 0 plus new experts), got {counts}.")
+        if min(counts) < 1:
+            raise ValueError(f"every MoE-CT layer needs at least 1 routed expert, got {counts}.")
         if not 1 <= self.num_experts_per_tok <= min(counts):
             raise ValueError(
                 f"num_experts_per_tok (top-k) must be between 1 and the smallest expert count ({min(counts)}), "

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .configuration import CT
 from .moe import (
     ROUTING_KWARG,
     LossScale,
@@ -17,8 +18,12 @@ from .moe import (
     exit_decoder_layer,
     probe_loss_scale,
 )
+from .moe_ct import MoECTBlock
 
 IGNORE_INDEX = -100
+
+# Every MoE block class a ``*_moelpr`` model may hold (one per method).
+MOE_BLOCK_CLASSES = (MoELPRSparseBlock, MoECTBlock)
 
 
 @dataclass
@@ -26,14 +31,17 @@ class MoELPRCausalLMOutputWithPast(CausalLMOutputWithPast):
     """In training, ``loss`` is ``lm_loss`` plus the coefficient-weighted ``aux_loss`` (load balancing) and
     ``lpr_loss``; in evaluation (``model.eval()``) it is ``lm_loss`` alone.
 
-    ``aux_loss`` and ``lpr_loss`` (given labels) are unweighted means over MoE layers; ``router_logits`` holds one
-    ``[batch * seq_len, num_experts]`` tensor per MoE layer when router logits are asked for.
+    ``aux_loss`` and ``lpr_loss`` (given labels; MoE-CT has no ``lpr_loss``) are unweighted means over MoE layers;
+    ``router_logits`` holds one ``[batch * seq_len, num_experts]`` tensor per MoE layer when router logits are asked
+    for, and for MoE-CT ``ffn_fusion_weights`` one ``[batch * seq_len]`` float32 tensor per MoE layer: each token's
+    fusion weight on the frozen FFN.
     """
 
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     lpr_loss: torch.Tensor | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
+    ffn_fusion_weights: tuple[torch.Tensor, ...] | None = None
 
 
 def micro_batch_share(labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> float:
@@ -53,7 +61,8 @@ class MoELPRForCausalLMMixin:
     """Turns a family's ``...ForCausalLM`` into its MoE-LPR form.
 
     A concrete class lists this mixin first, then the dense causal LM, and names the family's FFN
-    class as ``expert_class``: the chosen layers' ``mlp`` become :class:`MoELPRSparseBlock`.
+    class as ``expert_class``: the chosen layers' ``mlp`` become the MoE block of the config's method
+    (:class:`MoELPRSparseBlock` or :class:`MoECTBlock`).
     """
 
     expert_class: type[nn.Module]
@@ -70,9 +79,9 @@ class MoELPRForCausalLMMixin:
         self.post_init()
 
     @classmethod
-    def moe_block_class(cls, config) -> type[MoELPRSparseBlock]:
+    def moe_block_class(cls, config) -> type[MoELPRSparseBlock] | type[MoECTBlock]:
         """The MoE block class of ``config``'s method (the upcycler asks it for the block's tensors)."""
-        return MoELPRSparseBlock
+        return MoECTBlock if config.moe_method == CT else MoELPRSparseBlock
 
     def make_moe_block(self, config, layer_idx: int) -> nn.Module:
         return self.moe_block_class(config)(
@@ -82,8 +91,8 @@ class MoELPRForCausalLMMixin:
             make_expert=lambda: self.expert_class(config),
         )
 
-    def moe_blocks(self) -> list[MoELPRSparseBlock]:
-        return [m for m in self.modules() if isinstance(m, MoELPRSparseBlock)]
+    def moe_blocks(self) -> list[MoELPRSparseBlock | MoECTBlock]:
+        return [m for m in self.modules() if isinstance(m, MOE_BLOCK_CLASSES)]
 
     def forward(
         self,
@@ -97,7 +106,8 @@ class MoELPRForCausalLMMixin:
         r"""
         lang_mask: ``[batch, seq_len]``, 1 on original-language ("old") tokens. Old-language tokens get
             the LPR loss toward expert 0; without a mask no token does.
-        output_router_logits: return the router logits of every MoE layer (default: the config's).
+        output_router_logits: return the router logits of every MoE layer (default: the config's), and for
+            MoE-CT the fusion weights on the frozen FFN.
         """
         config = self.config
         if output_router_logits is None:
@@ -133,12 +143,16 @@ class MoELPRForCausalLMMixin:
         aux_loss = lpr_loss = None
         if compute_losses:
             aux_loss = torch.stack([r.balance_loss for r in records]).mean()
-            lpr_loss = torch.stack([r.lpr_loss for r in records]).mean()
+            if config.moe_method != CT:
+                lpr_loss = torch.stack([r.lpr_loss for r in records]).mean()
         loss = lm_loss = outputs.loss
         if train_router:
             # The router-loss values are added detached: their gradients were already injected inside
             # the MoE blocks (see moe.py), scaled by whatever reaches this loss through the probe.
-            weighted = share * (config.router_aux_loss_coef * aux_loss + config.lpr_loss_coef * lpr_loss)
+            weighted = config.router_aux_loss_coef * aux_loss
+            if lpr_loss is not None:
+                weighted = weighted + config.lpr_loss_coef * lpr_loss
+            weighted = share * weighted
             loss = lm_loss + weighted.to(lm_loss.dtype) + probe_loss_scale(lm_loss, context.loss_scale)
         return MoELPRCausalLMOutputWithPast(
             loss=loss,
@@ -150,6 +164,9 @@ class MoELPRForCausalLMMixin:
             aux_loss=aux_loss,
             lpr_loss=lpr_loss,
             router_logits=tuple(r.router_logits for r in records) if output_router_logits else None,
+            ffn_fusion_weights=(
+                tuple(r.ffn_weight for r in records) if output_router_logits and config.moe_method == CT else None
+            ),
         )
 
 

@@ -80,7 +80,8 @@ class LayerRouting:
 
     router_logits: torch.Tensor  # [tokens, num_experts]
     balance_loss: torch.Tensor | None = None
-    lpr_loss: torch.Tensor | None = None
+    lpr_loss: torch.Tensor | None = None  # None where the block has no LPR loss (MoE-CT)
+    ffn_weight: torch.Tensor | None = None  # [tokens] float32, MoE-CT's fusion weight on the frozen FFN
 
 
 @dataclass
@@ -239,26 +240,38 @@ class MoELPRSparseBlock(nn.Module):
 
 
 def record_routing(
-    output: torch.Tensor, router_logits: torch.Tensor, router_probs: torch.Tensor, selected: torch.Tensor
+    output: torch.Tensor,
+    router_logits: torch.Tensor,
+    router_probs: torch.Tensor,
+    selected: torch.Tensor,
+    with_lpr: bool = True,
+    ffn_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Leave the block's routing in the current context and, when training, attach the gradient of its
-    weighted router losses to ``output``. Without a context (no labels, no router logits asked for) this
-    does nothing at all."""
+    weighted router losses to ``output``. ``with_lpr``: the block's expert 0 is the original FFN, so the LPR
+    loss applies; ``ffn_weight``: a per-token weight of the original FFN to record (MoE-CT's fusion). Without
+    a context (no labels, no router logits asked for) this does nothing at all."""
     context = current_routing_context()
     if context is None:
         return output
+    if ffn_weight is not None:
+        ffn_weight = ffn_weight.detach().float()
     if not context.compute_losses:
-        context.records.append(LayerRouting(router_logits))
+        context.records.append(LayerRouting(router_logits, ffn_weight=ffn_weight))
         return output
     balance = load_balancing_loss(router_probs, selected, context.token_mask)
-    old_tokens = context.lang_mask
-    if old_tokens is not None and context.token_mask is not None:
-        old_tokens = old_tokens & context.token_mask
-    lpr = lpr_loss(router_logits, old_tokens)
-    context.records.append(LayerRouting(router_logits, balance.detach(), lpr.detach()))
+    lpr = None
+    if with_lpr:
+        old_tokens = context.lang_mask
+        if old_tokens is not None and context.token_mask is not None:
+            old_tokens = old_tokens & context.token_mask
+        lpr = lpr_loss(router_logits, old_tokens)
+    context.records.append(
+        LayerRouting(router_logits, balance.detach(), lpr.detach() if lpr is not None else None, ffn_weight)
+    )
     if context.loss_weights is not None and torch.is_grad_enabled():
         balance_weight, lpr_weight = context.loss_weights
-        weighted = balance_weight * balance + lpr_weight * lpr
+        weighted = balance_weight * balance + (lpr_weight * lpr if lpr is not None else 0.0)
         if weighted.requires_grad:
             output = _AttachLossGradient.apply(output, weighted, context.loss_scale)
     return output
