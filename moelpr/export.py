@@ -238,8 +238,8 @@ EXPORT_FAMILIES: dict[str, ExportFamily] = {
 # Dense model_type -> why no standard MoE format holds its MoE-LPR checkpoints.
 NO_STANDARD_FORMAT: dict[str, str] = {
     "gemma3_text": (
-        "no standard MoE architecture computes Gemma 3's layers: Mixtral's and Qwen-MoE's experts apply SiLU and "
-        "sit outside Gemma's pre- and post-feed-forward norms, and Gemma 4's MoE layers add a dense FFN beside the "
+        "no standard MoE architecture computes Gemma 3's layers: Mixtral's and the Qwen MoEs' have neither its GELU "
+        "experts nor its pre- and post-feed-forward norms, and Gemma 4's MoE layers add a dense FFN beside the "
         "experts; load the MoE-LPR checkpoint itself (transformers with moelpr installed)"
     ),
 }
