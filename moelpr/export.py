@@ -1,12 +1,13 @@
 """Export an MoE-LPR checkpoint as a standard MoE checkpoint that transformers and serving engines load
 without moelpr.
 
-A LLaMA-family model becomes ``MixtralForCausalLM`` (or, with ``--format qwen2_moe``, ``Qwen2MoeForCausalLM``);
-a Qwen2-family model becomes ``Qwen2MoeForCausalLM``. Both compute softmax -> top-k -> renormalise, which is
-MoE-LPR's routing, so the export computes the same function. Tensors are written under the names of the
-public Mixtral / Qwen1.5-MoE checkpoints (one tensor per expert), which is what vLLM, SGLang and llama.cpp's
-converter read. An export that the target would compute differently is refused before anything is written;
-see docs/export.md for what each engine serves.
+A LLaMA- or Mistral-family model becomes ``MixtralForCausalLM`` (or, with ``--format qwen2_moe``,
+``Qwen2MoeForCausalLM``); a Qwen2-family model becomes ``Qwen2MoeForCausalLM``, a Qwen3 one
+``Qwen3MoeForCausalLM``. All compute softmax -> top-k -> renormalise, which is MoE-LPR's routing, so the export
+computes the same function. Tensors are written under the names of the public Mixtral / Qwen1.5-MoE / Qwen3-MoE
+checkpoints (one tensor per expert), which is what vLLM, SGLang and llama.cpp's converter read. Gemma 3 has no
+standard MoE format and is refused, as is an export that the target would compute differently, before anything
+is written; see docs/export.md for what each engine serves.
 
 The weights stream tensor by tensor from the source shards into the output shards, so a large model never
 sits whole in memory, and the output directory appears whole or not at all.
@@ -79,6 +80,9 @@ class MoEFormat:
     dense_layers_as_mlp: bool  # True: dense layers stay plain MLPs; False: N equal experts under a zero router
     zero_shared_expert: bool  # every MoE layer has a gated shared expert, written with all-zero weights
     moe_config: Callable[[Any, int, list[int]], dict[str, Any]]  # (source config, experts, dense layers) -> fields
+    # config.json keys transformers 5 writes under another name than the public checkpoints (and engines built on
+    # transformers 4) read: transformers' name -> the public one.
+    public_config_keys: dict[str, str] = field(default_factory=dict)
 
     def config_class(self) -> type:
         from transformers import CONFIG_MAPPING
@@ -91,7 +95,12 @@ def _head_dim(config: Any) -> int:
 
 
 def _mixtral_config(config: Any, num_experts: int, dense_layers: list[int]) -> dict[str, Any]:
-    return {"num_local_experts": num_experts, "head_dim": _head_dim(config), "sliding_window": None}
+    # A Mistral window is carried over only when no position falls outside it (see _mistral_refusal).
+    return {
+        "num_local_experts": num_experts,
+        "head_dim": _head_dim(config),
+        "sliding_window": getattr(config, "sliding_window", None),
+    }
 
 
 def _qwen2_moe_config(config: Any, num_experts: int, dense_layers: list[int]) -> dict[str, Any]:
@@ -105,6 +114,19 @@ def _qwen2_moe_config(config: Any, num_experts: int, dense_layers: list[int]) ->
         "qkv_bias": True,
         "use_sliding_window": False,
         "max_window_layers": config.num_hidden_layers,
+    }
+
+
+def _qwen3_moe_config(config: Any, num_experts: int, dense_layers: list[int]) -> dict[str, Any]:
+    return {
+        "num_experts": num_experts,
+        "moe_intermediate_size": config.intermediate_size,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": dense_layers,
+        "head_dim": config.head_dim,
+        "attention_bias": False,
+        "use_sliding_window": False,
     }
 
 
@@ -135,6 +157,20 @@ FORMATS: dict[str, MoEFormat] = {
         zero_shared_expert=True,
         moe_config=_qwen2_moe_config,
     ),
+    "qwen3_moe": MoEFormat(
+        name="qwen3_moe",
+        architecture="Qwen3MoeForCausalLM",
+        model_type="qwen3_moe",
+        block="mlp",
+        router="gate",
+        expert_tensors={name: name for name in FFN_TENSORS},
+        qkv_bias=False,
+        head_dim_from_hidden=False,
+        dense_layers_as_mlp=True,
+        zero_shared_expert=False,
+        moe_config=_qwen3_moe_config,
+        public_config_keys={"num_local_experts": "num_experts"},
+    ),
 }
 
 
@@ -152,6 +188,23 @@ def _qwen2_refusal(config: Any) -> str | None:
     return None
 
 
+def _qwen3_refusal(config: Any) -> str | None:
+    if config.use_sliding_window or "sliding_attention" in (config.layer_types or []):
+        return "it uses sliding-window attention, which vLLM's and llama.cpp's Qwen3-MoE do not implement"
+    if config.attention_bias:
+        return "attention_bias is set, and vLLM's Qwen3-MoE has no o_proj bias"
+    return None
+
+
+def _mistral_refusal(config: Any) -> str | None:
+    if config.sliding_window is not None and config.sliding_window < config.max_position_embeddings:
+        return (
+            f"sliding_window {config.sliding_window} is shorter than max_position_embeddings "
+            f"{config.max_position_embeddings}, and vLLM's and llama.cpp's Mixtral attend to every position"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class ExportFamily:
     """What the export needs to know of a dense family: the formats that hold it and what they cannot hold."""
@@ -162,6 +215,8 @@ class ExportFamily:
     not_exportable_as: dict[str, str] = field(default_factory=dict)  # format -> why not
 
 
+_QK_NORM = "attention has no q/k norms, which Qwen3's normalises queries and keys with"
+
 # Dense model_type -> how its MoE-LPR checkpoints export.
 EXPORT_FAMILIES: dict[str, ExportFamily] = {
     "llama": ExportFamily(formats=("mixtral", "qwen2_moe"), qkv_bias=False, refusal=_llama_refusal),
@@ -170,6 +225,22 @@ EXPORT_FAMILIES: dict[str, ExportFamily] = {
         qkv_bias=True,
         refusal=_qwen2_refusal,
         not_exportable_as={"mixtral": "Mixtral's attention has no q/k/v biases, which Qwen2's uses"},
+    ),
+    "qwen3": ExportFamily(
+        formats=("qwen3_moe",),
+        qkv_bias=False,
+        refusal=_qwen3_refusal,
+        not_exportable_as={"mixtral": f"Mixtral's {_QK_NORM}", "qwen2_moe": f"Qwen2-MoE's {_QK_NORM}"},
+    ),
+    "mistral": ExportFamily(formats=("mixtral", "qwen2_moe"), qkv_bias=False, refusal=_mistral_refusal),
+}
+
+# Dense model_type -> why no standard MoE format holds its MoE-LPR checkpoints.
+NO_STANDARD_FORMAT: dict[str, str] = {
+    "gemma3_text": (
+        "no standard MoE architecture computes Gemma 3's layers: Mixtral's and the Qwen MoEs' have neither its GELU "
+        "experts nor its pre- and post-feed-forward norms, and Gemma 4's MoE layers add a dense FFN beside the "
+        "experts; load the MoE-LPR checkpoint itself (transformers with moelpr installed)"
     ),
 }
 
@@ -226,8 +297,8 @@ def _uniform_expert_count(config: Any) -> int:
     counts = config.num_experts if isinstance(config.num_experts, list) else [config.num_experts]
     if len(set(counts)) > 1:
         raise ExportError(
-            f"its MoE layers have different expert counts {counts}, and Mixtral and Qwen2-MoE hold one count for "
-            "all layers (padding with duplicate experts would change the softmax and the top-k)"
+            f"its MoE layers have different expert counts {counts}, and Mixtral, Qwen2-MoE and Qwen3-MoE hold one "
+            "count for all layers (padding with duplicate experts would change the softmax and the top-k)"
         )
     return counts[0]
 
@@ -259,6 +330,8 @@ def plan_export(model_path: str | os.PathLike, format_name: str | None = None) -
     if model_type not in families:
         raise ExportError(f"{model_path} is not an MoE-LPR checkpoint (model_type {model_type!r})")
     dense_type = families[model_type]
+    if dense_type in NO_STANDARD_FORMAT:
+        raise ExportError(f"cannot export {model_path} ({model_type}): {NO_STANDARD_FORMAT[dense_type]}")
     if dense_type not in EXPORT_FAMILIES:
         raise ExportError(f"{model_type} has no standard MoE format to export to")
     family = EXPORT_FAMILIES[dense_type]
@@ -295,6 +368,8 @@ def target_config(plan: ExportPlan) -> dict[str, Any]:
     content["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
     if content.get("dtype") is not None:
         content["torch_dtype"] = content["dtype"]
+    for key, public_key in plan.target.public_config_keys.items():
+        content[public_key] = content.pop(key)
     return content
 
 
@@ -449,7 +524,8 @@ def describe(plan: ExportPlan) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moelpr export",
-        description="Export an MoE-LPR checkpoint as a standard Mixtral / Qwen2-MoE checkpoint (see docs/export.md).",
+        description="Export an MoE-LPR checkpoint as a standard Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint (see "
+        "docs/export.md).",
     )
     parser.add_argument("--model_path", required=True, help="MoE-LPR checkpoint directory (upcycled or trained)")
     parser.add_argument("--output_path", required=True, help="new directory for the exported checkpoint")
@@ -457,7 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=sorted(FORMATS),
         default=None,
-        help="target architecture (default: mixtral for LLaMA-family models, qwen2_moe for Qwen2-family models)",
+        help="target architecture (default by family: "
+        + ", ".join(f"{family} -> {spec.formats[0]}" for family, spec in EXPORT_FAMILIES.items())
+        + ")",
     )
     parser.add_argument("--max_shard_size", default="5GB", help="largest weight shard, e.g. 5GB, 500MB (default: 5GB)")
     return parser

@@ -64,8 +64,14 @@ class ExpansionFamily:
 
 FAMILIES = {
     "llama": ExpansionFamily(),
-    # Qwen2 marks sliding-window layers per layer (layer_types) and by the first sliding layer (max_window_layers).
+    "mistral": ExpansionFamily(),
+    # Qwen2 and Qwen3 mark sliding-window layers per layer (layer_types) and by the first sliding layer
+    # (max_window_layers).
     "qwen2": ExpansionFamily(per_layer_lists=("layer_types",), layer_boundaries=("max_window_layers",)),
+    "qwen3": ExpansionFamily(per_layer_lists=("layer_types",), layer_boundaries=("max_window_layers",)),
+    # Gemma 3 alternates sliding-window and global layers (layer_types); its post-attention and post-feed-forward
+    # norms map the zeroed projections' output, zero, to zero.
+    "gemma3_text": ExpansionFamily(per_layer_lists=("layer_types",)),
 }
 
 
@@ -112,7 +118,16 @@ def _check_request(model_path: Path, output_path: Path, num_expand: int) -> tupl
         )
     if output_path.exists() and (not output_path.is_dir() or any(output_path.iterdir())):
         raise ExpansionError(f"--output_path {output_path} already exists and is not empty; choose a new directory.")
-    return config, FAMILIES[model_type]
+    family = FAMILIES[model_type]
+    missing = [key for key in family.per_layer_lists if config.get(key) is None]
+    if missing:
+        # Older checkpoints leave them to the config class (Gemma 3's sliding_window_pattern), whose rule would not
+        # give the new blocks their source layer's entry: write them out as transformers reads them.
+        from transformers import AutoConfig
+
+        dense_config = AutoConfig.from_pretrained(model_path)
+        config = {**config, **{key: getattr(dense_config, key, None) for key in missing}}
+    return config, family
 
 
 def expand_config(config: dict, num_expand: int, family: ExpansionFamily) -> dict:
@@ -203,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="LLaMA-Pro block expansion: insert N identity-initialised copies of decoder blocks, one after "
         "each group of L/N layers, for LLaMA-Factory's `use_llama_pro` freeze training."
     )
-    parser.add_argument("--model_path", required=True, help="dense HF checkpoint directory (llama or qwen2)")
+    parser.add_argument(
+        "--model_path", required=True, help=f"dense HF checkpoint directory ({', '.join(sorted(FAMILIES))})"
+    )
     parser.add_argument("--output_path", required=True, help="new directory for the expanded checkpoint")
     parser.add_argument("--num_expand", type=int, required=True, help="blocks to add; must divide the layer count")
     parser.add_argument("--max_shard_size", default="5GB", help="largest weight file written (default 5GB)")

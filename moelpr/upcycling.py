@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 MODEL_FILES = ("config.json", SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 GENERATION_CONFIG_NAME = "generation_config.json"
+ADDING_A_FAMILY = "docs/adding_a_family.md"
 
 
 class UpcyclingError(ValueError):
@@ -170,7 +171,8 @@ def _check_paths(model_path: Path, output_path: Path) -> str:
         if model_type and model_type.endswith("_moelpr"):
             raise UpcyclingError(f"{model_path} is already an upcycled MoE-LPR model ({model_type}).")
         raise UpcyclingError(
-            f"cannot upcycle model_type {model_type!r}: supported families are {', '.join(sorted(MOE_FAMILIES))}."
+            f"cannot upcycle model_type {model_type!r}: supported families are {', '.join(sorted(MOE_FAMILIES))} "
+            f"(adding one takes two small files, see {ADDING_A_FAMILY})."
         )
     if output_path.exists() and (not output_path.is_dir() or any((output_path / f).exists() for f in MODEL_FILES)):
         raise UpcyclingError(f"--output_path {output_path} already holds a model; choose a new directory.")
@@ -413,7 +415,7 @@ def upcycle(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Upcycle a dense LLaMA/Qwen2 checkpoint into an MoE-LPR or MoE-CT model."
+        description=f"Upcycle a dense checkpoint ({', '.join(sorted(MOE_FAMILIES))}) into an MoE-LPR or MoE-CT model."
     )
     parser.add_argument("--model_path", required=True, help="dense HF checkpoint directory (safetensors weights)")
     parser.add_argument("--output_path", required=True, help="new directory for the MoE checkpoint")

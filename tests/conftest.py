@@ -1,4 +1,5 @@
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,13 +11,26 @@ from tiny_models import save_dense_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    return save_dense_model(tmp_path_factory.mktemp("tiny_llama"), "llama")
+def tiny_dense_dir(tmp_path_factory) -> Callable[[str], Path]:
+    """family -> its tiny random dense checkpoint (tiny_models.py), made once per session."""
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = save_dense_model(tmp_path_factory.mktemp(f"tiny_{family}"), family)
+        return made[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2_dir(tmp_path_factory) -> Path:
-    return save_dense_model(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2")
+def tiny_llama_dir(tiny_dense_dir) -> Path:
+    return tiny_dense_dir("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tiny_dense_dir) -> Path:
+    return tiny_dense_dir("qwen2")
 
 
 @pytest.fixture(scope="session")

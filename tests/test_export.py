@@ -1,5 +1,5 @@
-"""`moelpr export`: MoE-LPR checkpoints as standard Mixtral / Qwen2-MoE checkpoints that plain transformers
-loads, in a process that never imports moelpr, and that compute the native model's logits."""
+"""`moelpr export`: MoE-LPR checkpoints as standard Mixtral / Qwen2-MoE / Qwen3-MoE checkpoints that plain
+transformers loads, in a process that never imports moelpr, and that compute the native model's logits."""
 
 from __future__ import annotations
 
@@ -14,24 +14,33 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import save_dense_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen2MoeConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from moelpr.checkpoint_io import CheckpointReader
-from moelpr.export import ZERO_SHARED_EXPERT_SIZE, main
+from moelpr.export import EXPORT_FAMILIES, ZERO_SHARED_EXPERT_SIZE, main
 from moelpr.upcycling import upcycle
 
 NUM_LAYERS, NUM_EXPERTS, MOE_LAYERS, DENSE_LAYERS = 4, 4, (0, 2), (1, 3)
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Magyarul: a gyors barna róka"]
 
-# name: (dense family, tied embeddings, top-k, --format (None: the family's default), --max_shard_size)
+# name: (dense family, tied embeddings, top-k, --format (None: the family's default), --max_shard_size, config
+# fields of the dense model beyond tiny_models.py's)
 CASES = {
-    "llama-mixtral-top2": ("llama", False, 2, None, None),
-    "llama-mixtral-tied-top1": ("llama", True, 1, "mixtral", None),
-    "llama-qwen2_moe-top2-sharded": ("llama", False, 2, "qwen2_moe", "40KB"),
-    "qwen2-qwen2_moe-top1": ("qwen2", False, 1, None, None),
-    "qwen2-qwen2_moe-tied-top2": ("qwen2", True, 2, None, None),
+    "llama-mixtral-top2": ("llama", False, 2, None, None, {}),
+    "llama-mixtral-tied-top1": ("llama", True, 1, "mixtral", None, {}),
+    "llama-qwen2_moe-top2-sharded": ("llama", False, 2, "qwen2_moe", "40KB", {}),
+    "qwen2-qwen2_moe-top1": ("qwen2", False, 1, None, None, {}),
+    "qwen2-qwen2_moe-tied-top2": ("qwen2", True, 2, None, None, {}),
+    # Qwen3's head_dim (32) is not hidden / heads (16), as in the released Qwen3 models.
+    "qwen3-qwen3_moe-top2": ("qwen3", False, 2, None, None, {}),
+    "qwen3-qwen3_moe-tied-top1": ("qwen3", True, 1, None, None, {}),
+    # A window as long as the positions is carried over (head_dim 32 as Mistral NeMo's); Qwen2-MoE needs
+    # head_dim = hidden / heads.
+    "mistral-mixtral-top2": ("mistral", False, 2, None, None, {"sliding_window": 512}),
+    "mistral-qwen2_moe-top1": ("mistral", False, 1, "qwen2_moe", None, {"sliding_window": None, "head_dim": None}),
 }
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 # Runs with plain transformers only; prints what it loaded and how far its logits are from the native ones.
 LOAD_EXPORTS = """
@@ -73,8 +82,10 @@ def _make_routing_matter(model_dir: Path, seed: int) -> None:
     save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
 
 
-def _source_model(root: Path, family: str, tied: bool, top_k: int, seed: int) -> Path:
-    dense = save_dense_model(root / "dense", family, num_layers=NUM_LAYERS, seed=seed, tie_word_embeddings=tied)
+def _source_model(root: Path, family: str, tied: bool, top_k: int, seed: int, config_fields: dict) -> Path:
+    dense = save_dense_model(
+        root / "dense", family, num_layers=NUM_LAYERS, seed=seed, tie_word_embeddings=tied, **config_fields
+    )
     tokenizer = AutoTokenizer.from_pretrained(dense)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(dense)
@@ -97,16 +108,16 @@ def _native_logits(model_dir: Path, out_file: Path) -> None:
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory) -> dict[str, dict]:
     exported = {}
-    for seed, (name, (family, tied, top_k, fmt, shard)) in enumerate(CASES.items()):
+    for seed, (name, (family, tied, top_k, fmt, shard, config_fields)) in enumerate(CASES.items()):
         root = tmp_path_factory.mktemp(name)
-        source = _source_model(root, family, tied, top_k, seed)
+        source = _source_model(root, family, tied, top_k, seed, config_fields)
         _native_logits(source, root / "native.pt")
         args = ["--model_path", str(source), "--output_path", str(root / "export")]
         args += ["--format", fmt] if fmt else []
         args += ["--max_shard_size", shard] if shard else []
         assert main(args) == 0
         exported[name] = {"source": source, "export": root / "export", "native": root / "native.pt",
-                          "family": family, "tied": tied, "format": fmt or {"llama": "mixtral"}.get(family, "qwen2_moe")}
+                          "family": family, "tied": tied, "format": fmt or EXPORT_FAMILIES[family].formats[0]}
     return exported
 
 
@@ -125,31 +136,37 @@ def test_plain_transformers_computes_the_native_logits(exports, loaded_by_plain_
     assert report.pop("moelpr_modules") == []
     for name, case in exports.items():
         result = report[name]
-        expected_class = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}[case["format"]]
-        assert (result["class"], result["dtype"], result["loading_problems"]) == (expected_class, "torch.float32", [])
+        expected = (ARCHITECTURES[case["format"]], "torch.float32", [])
+        assert (result["class"], result["dtype"], result["loading_problems"]) == expected, name
         assert result["max_abs_diff"] <= 1e-5, (name, result["max_abs_diff"])
         assert result["chat_template"] == CHAT_TEMPLATE
         assert result["eos_token_id"] == 0
 
 
 def _public_names(fmt: str, tied: bool) -> set[str]:
-    """Tensor names of the public Mixtral-8x7B / Qwen1.5-MoE-A2.7B checkpoints, for this model's shape."""
+    """Tensor names of the public Mixtral-8x7B / Qwen1.5-MoE-A2.7B / Qwen3-30B-A3B checkpoints, for this model's
+    shape."""
     names = {"model.embed_tokens.weight", "model.norm.weight"} | (set() if tied else {"lm_head.weight"})
     for i in range(NUM_LAYERS):
         layer = f"model.layers.{i}"
         names |= {f"{layer}.input_layernorm.weight", f"{layer}.post_attention_layernorm.weight"}
         names |= {f"{layer}.self_attn.{p}_proj.weight" for p in "qkvo"}
+        if fmt == "qwen3_moe":
+            names |= {f"{layer}.self_attn.q_norm.weight", f"{layer}.self_attn.k_norm.weight"}
         if fmt == "mixtral":
             names.add(f"{layer}.block_sparse_moe.gate.weight")
             names |= {f"{layer}.block_sparse_moe.experts.{j}.{w}.weight" for j in range(NUM_EXPERTS)
                       for w in ("w1", "w2", "w3")}
             continue
-        names |= {f"{layer}.self_attn.{p}_proj.bias" for p in "qkv"}
+        if fmt == "qwen2_moe":
+            names |= {f"{layer}.self_attn.{p}_proj.bias" for p in "qkv"}
         if i in DENSE_LAYERS:
             names |= {f"{layer}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
             continue
-        names |= {f"{layer}.mlp.gate.weight", f"{layer}.mlp.shared_expert_gate.weight"}
-        names |= {f"{layer}.mlp.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")}
+        names.add(f"{layer}.mlp.gate.weight")
+        if fmt == "qwen2_moe":
+            names.add(f"{layer}.mlp.shared_expert_gate.weight")
+            names |= {f"{layer}.mlp.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")}
         names |= {f"{layer}.mlp.experts.{j}.{p}_proj.weight" for j in range(NUM_EXPERTS) for p in ("gate", "up", "down")}
     return names
 
@@ -186,15 +203,24 @@ def test_dense_layers_and_the_shared_expert_compute_what_moelpr_does(exports):
 def test_config_is_a_plain_target_config(exports):
     legacy_keys = {"rope_theta", "rope_scaling", "torch_dtype"}  # read by engines on transformers 4
     standard_keys = {"architectures", "dtype"}  # written when set, absent from a default config
-    for case in exports.values():
+    # Qwen3-MoE keys of the public checkpoints that transformers 5's default config lacks: its name for
+    # num_local_experts, and head_dim (read with getattr, absent from the default).
+    public_keys = {"num_experts", "head_dim"}
+    for name, case in exports.items():
         config = json.loads((case["export"] / "config.json").read_text())
-        config_class = {"mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig}[case["format"]]
-        assert set(config) <= set(json.loads(config_class().to_json_string())) | legacy_keys | standard_keys
+        config_class = {"mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig, "qwen3_moe": Qwen3MoeConfig}[case["format"]]
+        default_keys = set(json.loads(config_class().to_json_string()))
+        assert set(config) <= default_keys | legacy_keys | standard_keys | public_keys
         assert config["model_type"] == case["format"]
         assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 10000.0
         assert config["tie_word_embeddings"] is case["tied"]
-        if case["format"] == "qwen2_moe":
+        if case["format"] in ("qwen2_moe", "qwen3_moe"):
             assert (config["mlp_only_layers"], config["norm_topk_prob"]) == (list(DENSE_LAYERS), True)
+        if case["format"] == "qwen3_moe":
+            assert (config["num_experts"], config["head_dim"]) == (NUM_EXPERTS, 32)
+            assert "num_local_experts" not in config
+        if name == "mistral-mixtral-top2":
+            assert (config["head_dim"], config["sliding_window"]) == (32, 512)
         for sidecar in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
             assert (case["export"] / sidecar).read_bytes() == (case["source"] / sidecar).read_bytes()
 
@@ -218,6 +244,12 @@ REFUSALS = {
     "Qwen2 as Mixtral": ("qwen2-qwen2_moe-top1", {}, ["--format", "mixtral"], "Mixtral's attention has no q/k/v biases"),
     "sliding window": ("qwen2-qwen2_moe-top1", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2},
                        [], "sliding-window attention"),
+    "Qwen3 as Mixtral": ("qwen3-qwen3_moe-top2", {}, ["--format", "mixtral"], "Mixtral's attention has no q/k norms"),
+    "Qwen3 sliding window": ("qwen3-qwen3_moe-top2", {"use_sliding_window": True, "sliding_window": 8},
+                             [], "sliding-window attention, which vLLM's and llama.cpp's Qwen3-MoE"),
+    "Qwen3 attention biases": ("qwen3-qwen3_moe-top2", {"attention_bias": True}, [], "Qwen3-MoE has no o_proj bias"),
+    "Mistral window": ("mistral-mixtral-top2", {"sliding_window": 8}, [],
+                       "sliding_window 8 is shorter than max_position_embeddings 512"),
 }
 
 

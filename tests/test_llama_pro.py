@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 from moelpr.checkpoint_io import CheckpointReader
 from moelpr.cli import main as moelpr_main
-from moelpr.llama_pro import expand, expansion_plan
+from moelpr.llama_pro import FAMILIES, expand, expansion_plan
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Magyarul: a gyors barna róka."]
 
@@ -38,7 +38,7 @@ def _new_block_indices(num_layers: int, num_expand: int) -> set[int]:
     return {i for i, (_, new) in enumerate(expansion_plan(num_layers, num_expand)) if new}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_expanded_model_computes_the_dense_function(family, tied, tmp_path):
     dense_dir = save_dense_model(tmp_path / "dense", family, tie_word_embeddings=tied)
@@ -87,6 +87,27 @@ def test_sliding_window_layers_keep_their_kind(tmp_path):
     dense_logits, _ = _logits_and_greedy_tokens(dense_dir)
     pro_logits, _ = _logits_and_greedy_tokens(tmp_path / "pro")
     assert (dense_logits - pro_logits).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("layer_types_in_config", [True, False], ids=["layer_types", "sliding_window_pattern"])
+def test_gemma3_new_blocks_take_their_source_layers_attention_kind(layer_types_in_config, tmp_path):
+    # Layers 0 and 2 of the tiny Gemma 3 attend within a window shorter than the test sentences. Older Gemma 3
+    # checkpoints give only the pattern (every second layer global here), from which the new blocks would not follow.
+    dense_dir = save_dense_model(tmp_path / "dense", "gemma3_text")
+    config = json.loads((dense_dir / "config.json").read_text())
+    assert config["sliding_window_pattern"] == 2
+    if not layer_types_in_config:
+        del config["layer_types"]
+        (dense_dir / "config.json").write_text(json.dumps(config))
+    expand(dense_dir, tmp_path / "pro", num_expand=2)
+    full, sliding = "full_attention", "sliding_attention"
+    assert json.loads((tmp_path / "pro" / "config.json").read_text())["layer_types"] == [
+        sliding, full, full, sliding, full, full
+    ]
+    dense_logits, dense_tokens = _logits_and_greedy_tokens(dense_dir)
+    pro_logits, pro_tokens = _logits_and_greedy_tokens(tmp_path / "pro")
+    assert (dense_logits - pro_logits).abs().max() <= 1e-5
+    assert torch.equal(dense_tokens, pro_tokens)
 
 
 @pytest.mark.parametrize("num_layers,num_expand", [(4, 1), (4, 2), (4, 4), (6, 3), (30, 6)])

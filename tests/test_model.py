@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import moelpr
+from moelpr.models import MOE_FAMILIES
 from moelpr.upcycling import upcycle
 
 torch.set_num_threads(2)
@@ -31,19 +32,19 @@ def llama_moe(upcycled_llama_dir):
     return AutoModelForCausalLM.from_pretrained(upcycled_llama_dir)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
 @pytest.mark.parametrize(
     "num_experts,top_k,moe_layers,expected_counts",
     [(4, 2, None, [4, 4, 4, 4]), (4, 1, "1,3", [None, 4, None, 4]), ("0:3,2-3:2", 2, None, [3, None, 2, 2])],
 )
 def test_upcycled_model_computes_the_dense_function(
-    family, num_experts, top_k, moe_layers, expected_counts, request, tmp_path
+    family, num_experts, top_k, moe_layers, expected_counts, tiny_dense_dir, tmp_path
 ):
-    dense_dir = request.getfixturevalue(f"tiny_{family}_dir")
+    dense_dir = tiny_dense_dir(family)
     out = upcycle(dense_dir, tmp_path / "moe", num_experts=num_experts, top_k=top_k, moe_layers=moe_layers, seed=3)
     dense = AutoModelForCausalLM.from_pretrained(dense_dir)
     moe = AutoModelForCausalLM.from_pretrained(out)
-    assert type(moe).__name__ == f"{'Llama' if family == 'llama' else 'Qwen2'}MoELPRForCausalLM"
+    assert type(moe) is MOE_FAMILIES[family][1]
     counts = [
         len(layer.mlp.experts()) if isinstance(layer.mlp, moelpr.models.MoELPRSparseBlock) else None
         for layer in moe.model.layers

@@ -11,7 +11,7 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoModelForCausalLM
 
 import moelpr
-from moelpr.models import MoECTBlock, fusion_stats
+from moelpr.models import MOE_FAMILIES, MoECTBlock, fusion_stats
 from moelpr.upcycling import upcycle
 
 torch.set_num_threads(2)
@@ -44,10 +44,12 @@ def _perturb(model, seed: int = 0) -> None:
             block.fusion.bias.copy_(torch.tensor([0.2, -0.1]))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
 @pytest.mark.parametrize("num_experts,top_k,moe_layers", [(2, 1, None), (3, 2, [1, 3])])
-def test_upcycled_moect_model_computes_the_dense_function(family, num_experts, top_k, moe_layers, request, tmp_path):
-    dense_dir = request.getfixturevalue(f"tiny_{family}_dir")
+def test_upcycled_moect_model_computes_the_dense_function(
+    family, num_experts, top_k, moe_layers, tiny_dense_dir, tmp_path
+):
+    dense_dir = tiny_dense_dir(family)
     out = upcycle(dense_dir, tmp_path / "ct", num_experts, top_k, moe_layers, seed=3, method="moe_ct")
     assert json.loads((out / "config.json").read_text())["moe_method"] == "ct"
     dense = AutoModelForCausalLM.from_pretrained(dense_dir)

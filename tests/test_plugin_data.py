@@ -193,3 +193,31 @@ def test_gemma3_packed_blocks_start_with_bos_and_documents_end_with_eos(gemma3_d
     for i, block in enumerate(blocks):
         # LLaMA-Factory overwrites each block's first token with bos; the rest is the eos-separated stream.
         assert block == [tokenizer.bos_token_id] + stream[i * 8 + 1 : (i + 1) * 8]
+
+
+def test_pt_stage_saves_no_chat_template_where_the_base_had_none(gemma3_dense_dir, upcycled_llama_dir):
+    """Without `template`, LLaMA-Factory writes its placeholder chat template into the tokenizer that the stage
+    saves; for a tokenizer that adds bos (Gemma 3) its own parser then fails on it when the next stage starts."""
+    from llamafactory.hparams import DataArguments
+    from transformers import AutoTokenizer
+
+    data_args = DataArguments()
+    assert data_args.template is None
+    tokenizer = AutoTokenizer.from_pretrained(gemma3_dense_dir)
+    assert tokenizer.chat_template is None
+    workflow.get_template_and_fix_tokenizer(tokenizer, data_args)  # what the pt stage calls, with the plugin
+    assert tokenizer.chat_template is None
+    workflow.get_template_and_fix_tokenizer(tokenizer, data_args)  # the next stage starts
+
+    # What the plugin prevents: LLaMA-Factory's own function, twice, as two stages without the plugin would call it.
+    unpatched = AutoTokenizer.from_pretrained(gemma3_dense_dir)
+    get_template_and_fix_tokenizer(unpatched, data_args)
+    assert unpatched.chat_template is not None
+    with pytest.raises(ValueError, match="placeholder is required"):
+        get_template_and_fix_tokenizer(unpatched, data_args)
+
+    # A tokenizer's own chat template is left alone.
+    chat = AutoTokenizer.from_pretrained(upcycled_llama_dir)
+    chat.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    workflow.get_template_and_fix_tokenizer(chat, data_args)
+    assert chat.chat_template == "{% for m in messages %}{{ m['content'] }}{% endfor %}"

@@ -88,7 +88,9 @@ def _broken_dense_dirs(dense_dir: Path, tmp_path: Path) -> dict[str, Path]:
 @pytest.mark.parametrize(
     "case,args,message",
     [
-        ("unsupported", ["--model_path", "{gpt2}"], "cannot upcycle model_type 'gpt2'"),
+        ("unsupported", ["--model_path", "{gpt2}"],
+         "cannot upcycle model_type 'gpt2': supported families are gemma3_text, llama, mistral, qwen2, qwen3 (adding "
+         "one takes two small files, see docs/adding_a_family.md)."),
         ("one expert", ["--num_experts", "1"], "--num_experts must be at least 2"),
         ("not a count", ["--num_experts", "four"], "--num_experts 'four' is neither a count"),
         ("topk too large", ["--num_experts", "2", "--topk", "3"], "--topk must be between 1 and --num_experts (2)"),

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 TOKENIZER_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
@@ -16,7 +24,28 @@ TOKENIZER_TEXT = [
     "Ελληνικά: η γρήγορη καφέ αλεπού πηδά πάνω από το τεμπέλικο σκυλί.",
 ]
 
-FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+FAMILIES = {
+    "llama": LlamaConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+    "mistral": MistralConfig,
+    "gemma3_text": Gemma3TextConfig,
+}
+
+# What makes each tiny model exercise its family's own features on the tests' short batches: Qwen3's and Mistral
+# NeMo's head size is not hidden / heads; Mistral attends within a window shorter than the test sentences; Gemma 3
+# alternates windowed and global layers, scales attention by its own scalar and soft-caps the final logits.
+FAMILY_FIELDS = {
+    "qwen3": {"head_dim": 32},
+    "mistral": {"head_dim": 32, "sliding_window": 4},
+    "gemma3_text": {
+        "head_dim": 32,
+        "sliding_window": 4,
+        "sliding_window_pattern": 2,
+        "query_pre_attn_scalar": 24,
+        "final_logit_softcapping": 0.5,  # the random logits are about as large
+    },
+}
 
 
 def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
@@ -55,6 +84,7 @@ def save_dense_model(
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": None,
+        **FAMILY_FIELDS.get(family, {}),
         **config_fields,
     }
     config = FAMILIES[family](num_hidden_layers=num_layers, **fields)

@@ -67,6 +67,9 @@ def _patch_table() -> list[tuple[str, str, Callable[[Any], Any]]]:
             data.wrap_pretrain_preprocess,
         ),
         ("llamafactory.train.pt.workflow", "DataCollatorForLanguageModeling", data.lang_mask_collator_class),
+        # A pre-training stage saves no chat template where its tokenizer had none (LLaMA-Factory's placeholder
+        # would break the next stage for tokenizers that add bos).
+        ("llamafactory.train.pt.workflow", "get_template_and_fix_tokenizer", data.wrap_get_template_and_fix_tokenizer),
         # Model: stage freeze rules and router-loss weights; ZeRO-3 leaf module.
         ("llamafactory.model.loader", "init_adapter", model.wrap_init_adapter),
         ("llamafactory.model.patcher", "add_z3_leaf_module", model.wrap_add_z3_leaf_module),

@@ -5,7 +5,8 @@ survives ``max_samples``, ``mix_strategy`` concat or interleave and caching. Pre
 then packs documents of different datasets into one block, so the row flag becomes a per-token
 ``lang_mask`` column built by the same tokenisation, concatenation and cutting as ``input_ids``.
 Pre-training preprocessing also gets back the tokenizer's ``add_bos_token`` (see
-:func:`moelpr.tokenization.restore_add_bos_token`), so blocks start with bos where the model expects one.
+:func:`moelpr.tokenization.restore_add_bos_token`), so blocks start with bos where the model expects one, and a
+tokenizer without a chat template is saved without one, so that the next stage can read it.
 """
 
 from __future__ import annotations
@@ -84,6 +85,20 @@ def wrap_pretrain_preprocess(preprocess: Callable[..., dict[str, list[Any]]]) ->
         return preprocess(tagging, examples)
 
     return preprocess_dataset
+
+
+def wrap_get_template_and_fix_tokenizer(get_template: Callable[..., Any]) -> Callable[..., Any]:
+    def get_template_and_fix_tokenizer(tokenizer: Any, data_args: Any) -> Any:
+        had_chat_template = tokenizer.chat_template is not None
+        template = get_template(tokenizer, data_args)
+        if data_args.template is None and not had_chat_template:
+            # LLaMA-Factory would write its placeholder ("empty") chat template into the tokenizer saved with the
+            # stage's output, and the next stage, parsing it back, fails for every tokenizer that adds bos (Gemma
+            # 3): the rendered template lacks the bos the parser cuts off. Pre-training keeps the base's "none".
+            tokenizer.chat_template = None
+        return template
+
+    return get_template_and_fix_tokenizer
 
 
 @dataclass

@@ -2,16 +2,22 @@
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .gemma3_text_moelpr import Gemma3TextMoELPRConfig, Gemma3TextMoELPRForCausalLM
 from .llama_moelpr import LlamaMoELPRConfig, LlamaMoELPRForCausalLM
+from .mistral_moelpr import MistralMoELPRConfig, MistralMoELPRForCausalLM
 from .modeling import MOE_BLOCK_CLASSES, MoELPRCausalLMOutputWithPast, MoELPRForCausalLMMixin
 from .moe import MoELPRSparseBlock, routing_stats
 from .moe_ct import MoECTBlock, fusion_stats
 from .qwen2_moelpr import Qwen2MoELPRConfig, Qwen2MoELPRForCausalLM
+from .qwen3_moelpr import Qwen3MoELPRConfig, Qwen3MoELPRForCausalLM
 
-# Dense model_type -> the MoE-LPR classes that upcycle it.
+# Dense model_type -> the MoE-LPR classes that upcycle it (docs/adding_a_family.md says how to add one).
 MOE_FAMILIES: dict[str, tuple[type, type]] = {
     "llama": (LlamaMoELPRConfig, LlamaMoELPRForCausalLM),
     "qwen2": (Qwen2MoELPRConfig, Qwen2MoELPRForCausalLM),
+    "qwen3": (Qwen3MoELPRConfig, Qwen3MoELPRForCausalLM),
+    "mistral": (MistralMoELPRConfig, MistralMoELPRForCausalLM),
+    "gemma3_text": (Gemma3TextMoELPRConfig, Gemma3TextMoELPRForCausalLM),
 }
 
 for _config_class, _model_class in MOE_FAMILIES.values():
@@ -21,14 +27,20 @@ for _config_class, _model_class in MOE_FAMILIES.values():
 __all__ = [
     "MOE_BLOCK_CLASSES",
     "MOE_FAMILIES",
+    "Gemma3TextMoELPRConfig",
+    "Gemma3TextMoELPRForCausalLM",
     "LlamaMoELPRConfig",
     "LlamaMoELPRForCausalLM",
+    "MistralMoELPRConfig",
+    "MistralMoELPRForCausalLM",
     "MoECTBlock",
     "MoELPRCausalLMOutputWithPast",
     "MoELPRForCausalLMMixin",
     "MoELPRSparseBlock",
     "Qwen2MoELPRConfig",
     "Qwen2MoELPRForCausalLM",
+    "Qwen3MoELPRConfig",
+    "Qwen3MoELPRForCausalLM",
     "fusion_stats",
     "routing_stats",
 ]
