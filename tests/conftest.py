@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from llamafactory_cli import train  # noqa: E402
+from llamafactory_cli import train_both_stages  # noqa: E402
 from tiny_models import save_dense_model  # noqa: E402
 
 
@@ -44,28 +44,7 @@ def upcycled_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
 def stage_outputs(upcycled_llama_dir, tmp_path_factory) -> dict[str, Path]:
     """Both MoE-LPR stages trained through `llamafactory-cli train` on the tiny upcycled LLaMA."""
     tmp = tmp_path_factory.mktemp("stages")
-    stage1 = train(
-        tmp,
-        "stage1",
-        model_name_or_path=str(upcycled_llama_dir),
-        moelpr_stage="post_pretrain",
-        dataset="new_hu,new_tr",
-        learning_rate=1e-3,
-        max_steps=4,
-    )
-    stage2 = train(
-        tmp,
-        "stage2",
-        model_name_or_path=str(stage1),
-        moelpr_stage="review",
-        generate_lang_mask=True,
-        dataset="new_hu,old_en",
-        mix_strategy="interleave_under",
-        interleave_probs="0.5,0.5",
-        learning_rate=2e-2,
-        max_steps=8,
-    )
-    return {"upcycled": Path(upcycled_llama_dir), "stage1": stage1, "stage2": stage2, "tmp": tmp}
+    return {**train_both_stages(tmp, upcycled_llama_dir, stage1_steps=4, stage2_steps=8), "tmp": tmp}
 
 
 @pytest.fixture(scope="session")

@@ -44,3 +44,32 @@ def train(tmp_path: Path, name: str, env: dict[str, str] | None = None, **settin
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     return Path(recipe["output_dir"])
+
+
+def train_both_stages(tmp_path: Path, upcycled: Path, stage1_steps: int, stage2_steps: int, **extra) -> dict[str, Path]:
+    """Stage 1 on new-language text, then the review stage on an even old/new replay mix, from ``upcycled``;
+    ``extra`` settings apply to both runs."""
+    stage1 = train(
+        tmp_path,
+        "stage1",
+        model_name_or_path=str(upcycled),
+        moelpr_stage="post_pretrain",
+        dataset="new_hu,new_tr",
+        learning_rate=1e-3,
+        max_steps=stage1_steps,
+        **extra,
+    )
+    stage2 = train(
+        tmp_path,
+        "stage2",
+        model_name_or_path=str(stage1),
+        moelpr_stage="review",
+        generate_lang_mask=True,
+        dataset="new_hu,old_en",
+        mix_strategy="interleave_under",
+        interleave_probs="0.5,0.5",
+        learning_rate=2e-2,
+        max_steps=stage2_steps,
+        **extra,
+    )
+    return {"upcycled": Path(upcycled), "stage1": stage1, "stage2": stage2}

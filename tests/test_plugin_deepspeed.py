@@ -22,7 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_plugin_e2e import CLI, REPO, changed, old_language_expert0_share, routing_log, train, weights
+from llamafactory_cli import CLI, REPO, train_both_stages
+from test_plugin_e2e import changed, old_language_expert0_share, routing_log, weights
 
 pytestmark = pytest.mark.skipif(CLI is None, reason="llamafactory-cli is not installed")
 
@@ -40,30 +41,7 @@ def zero_outputs(request, upcycled_llama_dir, tmp_path_factory) -> dict[str, Pat
         "save_steps": 100,  # only the final model: DeepSpeed checkpoints are slow to write
         "plot_loss": False,
     }
-    stage1 = train(
-        tmp,
-        "stage1",
-        model_name_or_path=str(upcycled_llama_dir),
-        moelpr_stage="post_pretrain",
-        dataset="new_hu,new_tr",
-        learning_rate=1e-3,
-        max_steps=2,
-        **under_deepspeed,
-    )
-    stage2 = train(
-        tmp,
-        "stage2",
-        model_name_or_path=str(stage1),
-        moelpr_stage="review",
-        generate_lang_mask=True,
-        dataset="new_hu,old_en",
-        mix_strategy="interleave_under",
-        interleave_probs="0.5,0.5",
-        learning_rate=2e-2,
-        max_steps=4,
-        **under_deepspeed,
-    )
-    return {"upcycled": Path(upcycled_llama_dir), "stage1": stage1, "stage2": stage2}
+    return train_both_stages(tmp, upcycled_llama_dir, stage1_steps=2, stage2_steps=4, **under_deepspeed)
 
 
 def test_stage1_under_zero_changes_exactly_the_new_experts_and_routers(zero_outputs):
