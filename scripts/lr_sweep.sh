@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The learning-rate sweep behind the comparison's LoRA and LLaMA-Pro recipes (docs/comparison.md): each method
-# trains on the comparison's data and token budget at three learning rates, and the one with the lowest mean
-# perplexity on the new languages' development documents (training documents the runs never see) is kept.
+# trains on the comparison's data and token budget at doubling learning rates (the grids began with the lower
+# three and grew while the best sat at their top edge), and the one with the lowest mean perplexity
+# on the new languages' development documents (training documents the runs never see) is kept.
 # Nothing is judged on the held-out text the comparison reports.
 #
 #   bash scripts/compare.sh && bash scripts/lr_sweep.sh   # outputs in work/compare/sweep/
@@ -18,8 +19,8 @@ SWEEP=$WORK/sweep
 NEW_TRAIN=hu_train,tr_train,el_train
 # The recipes train on the first 1000 documents of each corpus (max_samples); documents from 1500 on are unseen.
 DEV_FROM=1500
-LORA_RATES=(5.0e-4 1.0e-3 2.0e-3)
-LLAMA_PRO_RATES=(2.5e-4 5.0e-4 1.0e-3)
+LORA_RATES=(5.0e-4 1.0e-3 2.0e-3 4.0e-3)
+LLAMA_PRO_RATES=(2.5e-4 5.0e-4 1.0e-3 2.0e-3 4.0e-3 8.0e-3)
 BF16=${MOELPR_DEMO_BF16:-$(grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && echo true || echo false)}
 EVAL_DTYPE=()
 [ "$BF16" = true ] && EVAL_DTYPE=(--bf16)
