@@ -231,7 +231,7 @@ def tradeoff_plot(result: dict, path: Path) -> None:
         # Beside the bar's right end, so that close points do not cover each other's labels.
         ax.annotate(row["label"], (x_high, y), textcoords="offset points", xytext=(5, 0), va="center", fontsize=9)
     ax.axhline(0, color="grey", linewidth=0.8)
-    ax.margins(x=0.25)
+    ax.margins(x=0.25)  # room for the labels right of the bars
     ax.set_xlabel(f"new languages ({', '.join(result['new'])}): mean perplexity change, %\n(left = learned more)")
     ax.set_ylabel(f"old languages ({', '.join(result['old'])}): mean perplexity change, %\n(up = forgot more)")
     ax.set_title("Learning the new languages against forgetting the old ones\n(bars: 95% bootstrap intervals)")
