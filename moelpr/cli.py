@@ -8,9 +8,15 @@ import sys
 # Subcommand -> module whose ``main(argv) -> int`` runs it; imported only when chosen, because the
 # heavy imports (torch, transformers) should not slow down ``moelpr --help``.
 SUBCOMMANDS = {
-    "upcycle": ("moelpr.upcycling", "upcycle a dense checkpoint into an MoE-LPR or MoE-CT model"),
-    "export": ("moelpr.export", "write an MoE-LPR model as a standard Mixtral / Qwen2-MoE checkpoint"),
-    "expand": ("moelpr.llama_pro", "LLaMA-Pro block expansion of a dense checkpoint (identity-initialised blocks)"),
+    "upcycle": ("moelpr.upcycling.upcycle", "upcycle a dense checkpoint into an MoE-LPR or MoE-CT model"),
+    "export": (
+        "moelpr.export.transformers_moe",
+        "write an MoE-LPR model as a standard Mixtral / Qwen2-MoE checkpoint",
+    ),
+    "expand": (
+        "moelpr.upcycling.llama_pro",
+        "LLaMA-Pro block expansion of a dense checkpoint (identity-initialised blocks)",
+    ),
     "eval": ("moelpr.evaluation.cli", "per-language perplexity and routing report of one or more models"),
     "corpora": ("moelpr.corpora.cli", "build the demo corpora from Debian's LibreOffice help and fortunes"),
 }

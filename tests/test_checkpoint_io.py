@@ -10,7 +10,7 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import load_file, save_file
 
-from moelpr.checkpoint_io import (
+from moelpr.checkpoints.streaming import (
     CheckpointError,
     CheckpointReader,
     ShardedWriter,

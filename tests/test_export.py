@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 from tiny_models import save_dense_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
-from moelpr.checkpoint_io import CheckpointReader
-from moelpr.export import EXPORT_FAMILIES, ZERO_SHARED_EXPERT_SIZE, main
-from moelpr.upcycling import upcycle
+from moelpr.checkpoints.streaming import CheckpointReader
+from moelpr.export.transformers_moe import EXPORT_FAMILIES, ZERO_SHARED_EXPERT_SIZE, main
+from moelpr.upcycling.upcycle import upcycle
 
 NUM_LAYERS, NUM_EXPERTS, MOE_LAYERS, DENSE_LAYERS = 4, 4, (0, 2), (1, 3)
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"

@@ -13,12 +13,12 @@ from llamafactory_cli import REPO, train
 from test_plugin_e2e import changed, routing_log, weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moelpr.checkpoint_io import CheckpointReader
+from moelpr.checkpoints.streaming import CheckpointReader
 from moelpr.evaluation.cli import main as eval_main
-from moelpr.export import NO_STANDARD_FORMAT
-from moelpr.export import main as export_main
+from moelpr.export.transformers_moe import NO_STANDARD_FORMAT
+from moelpr.export.transformers_moe import main as export_main
 from moelpr.models import MOE_FAMILIES
-from moelpr.upcycling import upcycle
+from moelpr.upcycling.upcycle import upcycle
 
 # LLaMA and Qwen2 go through the same steps in test_plugin_e2e.py, test_evaluation.py and test_export.py; a family
 # added to MOE_FAMILIES (and to tiny_models.py) is tested here without further edits.

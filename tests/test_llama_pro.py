@@ -16,9 +16,9 @@ from test_plugin_e2e import changed, train, weights
 from tiny_models import save_dense_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from moelpr.checkpoint_io import CheckpointReader
+from moelpr.checkpoints.streaming import CheckpointReader
 from moelpr.cli import main as moelpr_main
-from moelpr.llama_pro import FAMILIES, expand, expansion_plan
+from moelpr.upcycling.llama_pro import FAMILIES, expand, expansion_plan
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Magyarul: a gyors barna róka."]
 

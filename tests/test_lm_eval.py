@@ -37,7 +37,7 @@ CHOICE_DOCS = [
 # Checkpoints lm-eval evaluates, from the session's trained outputs. Each must reproduce the numbers computed
 # directly from the native stage-2 checkpoint, so a converted copy of it is one more entry here.
 def _mixtral_export(stage_outputs: dict[str, Path]) -> Path:
-    from moelpr.export import export
+    from moelpr.export.transformers_moe import export
 
     out = stage_outputs["tmp"] / "stage2_mixtral_for_lm_eval"
     return out if (out / "config.json").is_file() else export(stage_outputs["stage2"], out)

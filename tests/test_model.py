@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import moelpr
 from moelpr.models import MOE_FAMILIES
-from moelpr.upcycling import upcycle
+from moelpr.upcycling.upcycle import upcycle
 
 torch.set_num_threads(2)
 

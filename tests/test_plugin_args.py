@@ -241,7 +241,7 @@ def test_moect_freeze_rules_with_tied_embeddings(tmp_path, train_embeddings):
     from transformers import AutoModelForCausalLM
 
     from moelpr.llamafactory_plugin.model import setup_moelpr_tuning
-    from moelpr.upcycling import upcycle
+    from moelpr.upcycling.upcycle import upcycle
 
     dense = save_dense_model(tmp_path / "dense", "qwen2", num_layers=2, tie_word_embeddings=True)
     model = AutoModelForCausalLM.from_pretrained(upcycle(dense, tmp_path / "ct", moe_layers=[1], method="moe_ct"))

@@ -239,7 +239,7 @@ def test_llamafactory_export_of_a_stage_output_loads_again(stage_outputs, tmp_pa
     assert json.loads((exported / "config.json").read_text())["model_type"] == "llama_moelpr"
     assert not changed(weights(stage_outputs["stage2"]), weights(exported))
 
-    from moelpr.export import export
+    from moelpr.export.transformers_moe import export
 
     mixtral = export(stage_outputs["stage2"], tmp_path / "mixtral")
     tokenizer = AutoTokenizer.from_pretrained(exported)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from moelpr.upcycling import upcycle
+from moelpr.upcycling.upcycle import upcycle
 
 
 def run_fresh(probe: str) -> str:

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from tiny_models import save_dense_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moelpr.checkpoint_io import ShardedWriter, TensorSpec
-from moelpr.upcycling import expert_layout, main, parse_layers, upcycle
+from moelpr.checkpoints.streaming import ShardedWriter, TensorSpec
+from moelpr.upcycling.upcycle import expert_layout, main, parse_layers, upcycle
 
 REPO = Path(__file__).resolve().parent.parent
 

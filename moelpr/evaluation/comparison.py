@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint_io import CheckpointReader
+from ..checkpoints.streaming import CheckpointReader
 from ..models.moe import NEW_EXPERTS_NAME, ORIGINAL_EXPERT_NAME
 from .intervals import change_interval, gain_share_interval, mean_change_interval
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint_io import (
+from ..checkpoints.streaming import (
     DEFAULT_MAX_SHARD_SIZE,
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -47,8 +47,8 @@ from .layer_allocation import (
     split_paths,
     write_allocation,
 )
-from .models import MOE_FAMILIES
-from .models.configuration import CT, DEFAULT_EXPERTS, METHOD_NAMES
+from ..models import MOE_FAMILIES
+from ..models.configuration import CT, DEFAULT_EXPERTS, METHOD_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -339,11 +339,11 @@ def upcycle(
     picks them: ``None``/``"all"``, ``"every:K"``, ``"0,2,5-7"`` or a list) or per-layer counts like
     ``"0-9:2,10-29:4"`` (layers left out stay dense), or ``"auto:K"`` (MoE-LPR only): K new experts spread over the
     layers (``moe_layers`` the candidates) by the cross-lingual similarity of the dense model's hidden states on
-    ``new_corpora`` and ``old_corpora`` (LayerMoE; see :mod:`moelpr.layer_allocation`), the measurement saved as
-    ``layer_allocation.json``. MoE-LPR counts the original FFN as expert 0, MoE-CT counts the routed experts only;
+    ``new_corpora`` and ``old_corpora`` (LayerMoE; see :mod:`moelpr.upcycling.layer_allocation`), the measurement
+    saved as ``layer_allocation.json``. MoE-LPR counts the original FFN as expert 0, MoE-CT counts the routed experts only;
     ``num_experts`` and ``top_k`` default to the method's (4 and 2 for MoE-LPR, 2 and 1 for MoE-CT). Weights are
     written in shards of at most ``max_shard_size`` (``"5GB"``, bytes...). The output appears whole or not at all
-    (see :func:`~moelpr.checkpoint_io.staged_directory`).
+    (see :func:`~moelpr.checkpoints.streaming.staged_directory`).
     """
     from transformers import AutoConfig, AutoTokenizer
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .jsonl_texts import iter_jsonl_texts
+from ..corpora.jsonl_texts import iter_jsonl_texts
 
 AUTO_PREFIX = "auto:"
 ALLOCATION_FILE = "layer_allocation.json"
@@ -401,7 +401,7 @@ def split_paths(value: str) -> list[Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m moelpr.layer_allocation",
+        prog="python -m moelpr.upcycling.layer_allocation",
         description="Show how --num_experts auto:K would spread K new experts over a dense model's layers "
         "(LayerMoE: fewer where old and new languages' FFN inputs are alike). Nothing is upcycled.",
     )

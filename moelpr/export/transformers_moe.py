@@ -28,15 +28,15 @@ from typing import Any
 
 import torch
 
-from .checkpoint_io import (
+from ..checkpoints.streaming import (
     CheckpointError,
     CheckpointReader,
     parse_size,
     staged_directory,
     write_derived_tensors,
 )
-from .models import MOE_FAMILIES
-from .models.moe import NEW_EXPERTS_NAME, ORIGINAL_EXPERT_NAME, ROUTER_NAME
+from ..models import MOE_FAMILIES
+from ..models.moe import NEW_EXPERTS_NAME, ORIGINAL_EXPERT_NAME, ROUTER_NAME
 
 # Copied byte for byte, so the export tokenizes, templates chats and generates as the source does.
 TOKENIZER_FILES = (

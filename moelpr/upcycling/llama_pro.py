@@ -9,8 +9,8 @@ The positions match LLaMA-Factory's ``use_llama_pro`` rule: on a model of L + N 
 ``freeze_trainable_layers: N`` it trains layers ``s - 1, 2s - 1, ...`` with stride ``s = (L + N) / N = L/N + 1``,
 which are exactly the blocks inserted after each group here.
 
-Weights are streamed tensor by tensor (:mod:`moelpr.checkpoint_io`), so the model never sits whole in memory, and
-the output directory appears whole or not at all.
+Weights are streamed tensor by tensor (:mod:`moelpr.checkpoints.streaming`), so the model never sits whole in memory,
+and the output directory appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -26,8 +26,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_io import CheckpointError, CheckpointReader, parse_size, staged_directory, write_derived_tensors
-from .upcycling import TOKENIZER_FILES
+from ..checkpoints.streaming import (
+    CheckpointError,
+    CheckpointReader,
+    parse_size,
+    staged_directory,
+    write_derived_tensors,
+)
+from .upcycle import TOKENIZER_FILES
 
 # Files beside the weights that belong to the expanded model too: tokenizer, chat template, generation defaults,
 # the licence. Weights and config.json are written anew; trainer state or a README about the dense model are not

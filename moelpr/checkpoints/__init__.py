@@ -1,0 +1,1 @@
+"""What reads and writes checkpoint weights: streamed safetensors shards, staged output directories."""

@@ -1,0 +1,1 @@
+"""What writes a trained model in a format other tools serve: standard transformers MoE checkpoints."""
