@@ -160,8 +160,10 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
 
     With k = 1 renormalising gives a weight of exactly 1 and no gradient, so the LM loss could not teach
     the router. The weight is then ``p / stop_gradient(p)``: its value is 1, so an upcycled model still
-    computes the dense function, and its gradient is that of the probability (relative to it), so the
-    router learns from the LM loss as in Switch Transformer and the authors' code.
+    computes the dense function, and its gradient is ``grad p / p`` (the gradient of ``log p``): N times
+    ``grad p`` at even routing (p = 1/N), and larger the less likely the chosen expert. Switch Transformer and
+    the authors' code use the raw ``p`` as the weight (gradient ``grad p``, but every output scaled by p, about
+    1/N at the start), so at the start the LM loss reaches the router about N times more strongly here.
     """
     router_probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
     weights, selected = torch.topk(router_probs, top_k, dim=-1)
