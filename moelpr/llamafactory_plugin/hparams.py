@@ -9,7 +9,7 @@ from typing import Any, Literal
 from llamafactory.extras.misc import has_tokenized_data
 from llamafactory.hparams import DataArguments, FinetuningArguments, ModelArguments, TrainingArguments
 
-from moelpr.models.configuration import CT, LPR, METHOD_NAMES
+from moelpr.models.configuration import CT, LPR, LPR_LOSS_FORMS, METHOD_NAMES, PAPER
 
 MOELPR = "moelpr"
 POST_PRETRAIN = "post_pretrain"
@@ -62,6 +62,16 @@ class MoELPRFinetuningArguments(FinetuningArguments):
         default=None,
         metadata={"help": "Weight of the LPR loss (MoE-LPR's review stage only). Default: 0.1 in review."},
     )
+    lpr_loss_form: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "`paper` (default): the LPR loss is the cross-entropy of the router logits toward expert 0, the "
+                "paper's formula; `authors`: the cross-entropy of the router's softmax outputs, as the authors' "
+                "code computes it (a second softmax: a several times weaker router gradient at the same weight)."
+            )
+        },
+    )
     moect_train_embeddings: bool | None = field(
         default=None,
         metadata={
@@ -74,7 +84,10 @@ class MoELPRFinetuningArguments(FinetuningArguments):
 
     def __post_init__(self) -> None:
         if self.finetuning_type != MOELPR:
-            moelpr_keys = ("moelpr_method", "moelpr_stage", "aux_loss_coef", "lpr_loss_coef", "moect_train_embeddings")
+            moelpr_keys = (
+                "moelpr_method", "moelpr_stage", "aux_loss_coef", "lpr_loss_coef", "lpr_loss_form",
+                "moect_train_embeddings",
+            )
             given = [key for key in moelpr_keys if getattr(self, key) is not None]
             if given:
                 raise MoELPRArgumentError(f"{', '.join(f'`{k}`' for k in given)} only apply with `finetuning_type: moelpr`.")
@@ -96,6 +109,11 @@ class MoELPRFinetuningArguments(FinetuningArguments):
             self.lpr_loss_coef = DEFAULT_LPR_LOSS_COEF[self.moelpr_stage]
         if self.aux_loss_coef < 0 or self.lpr_loss_coef < 0:
             raise MoELPRArgumentError("`aux_loss_coef` and `lpr_loss_coef` must not be negative.")
+        self.lpr_loss_form = self.lpr_loss_form or PAPER
+        if self.lpr_loss_form not in LPR_LOSS_FORMS:
+            raise MoELPRArgumentError(
+                f"`lpr_loss_form` must be one of {', '.join(LPR_LOSS_FORMS)}, got {self.lpr_loss_form!r}."
+            )
 
 
 @dataclass

@@ -80,6 +80,7 @@ def wrap_init_adapter(init_adapter: Callable[..., Any]) -> Callable[..., Any]:
         # Read by the model at every forward and saved with the checkpoint's config.
         model.config.router_aux_loss_coef = finetuning_args.aux_loss_coef
         model.config.lpr_loss_coef = finetuning_args.lpr_loss_coef
+        model.config.lpr_loss_form = finetuning_args.lpr_loss_form
         if is_trainable:
             # As LLaMA-Factory does: ZeRO-3 keeps fp32 master weights, pure bf16 stays in bf16.
             upcast = not finetuning_args.pure_bf16 and not is_deepspeed_zero3_enabled()

@@ -12,6 +12,9 @@ METHOD_NAMES = {"moe_lpr": LPR, "moe_ct": CT}
 # (num_experts, num_experts_per_tok) when the user gives none: MoE-LPR's paper setting, and MoE-CT's two routed
 # experts (the authors' 1.8B configuration) with top-1, the default of DeepSpeed's residual MoE they build on.
 DEFAULT_EXPERTS = {LPR: (4, 2), CT: (2, 1)}
+# The LPR loss on router logits (the paper's formula) or on router probabilities (the authors' code: a second softmax).
+PAPER, AUTHORS = "paper", "authors"
+LPR_LOSS_FORMS = (PAPER, AUTHORS)
 
 
 @dataclass(kw_only=True, repr=False)
@@ -28,6 +31,9 @@ class MoELPRConfigMixin:
     moe_layers: indices of the upcycled layers; ``None`` upcycles every layer, the others stay dense.
     router_aux_loss_coef: weight of the load-balancing loss.
     lpr_loss_coef: weight of the Language Priors Routing loss (review stage).
+    lpr_loss_form: ``"paper"`` (cross-entropy of the router logits toward expert 0, the paper's formula) or
+        ``"authors"`` (the same cross-entropy applied to the router's softmax outputs, as the authors' code does: a
+        second softmax, which weakens the gradient; see ``moe.lpr_loss``).
     output_router_logits: return router logits in the model output.
     """
 
@@ -37,11 +43,14 @@ class MoELPRConfigMixin:
     moe_layers: list[int] | None = None
     router_aux_loss_coef: float = 0.01
     lpr_loss_coef: float = 0.0
+    lpr_loss_form: str = PAPER
     output_router_logits: bool = False
 
     def validate_moe(self) -> None:
         if self.moe_method not in DEFAULT_EXPERTS:
             raise ValueError(f"moe_method must be one of {sorted(DEFAULT_EXPERTS)}, got {self.moe_method!r}.")
+        if self.lpr_loss_form not in LPR_LOSS_FORMS:
+            raise ValueError(f"lpr_loss_form must be one of {list(LPR_LOSS_FORMS)}, got {self.lpr_loss_form!r}.")
         if self.moe_method == CT and self.lpr_loss_coef:
             raise ValueError(
                 "lpr_loss_coef must be 0 for MoE-CT: the LPR loss routes old-language tokens to the original FFN, "

@@ -121,6 +121,7 @@ class MoELPRForCausalLMMixin:
                 token_mask=_flat_token_mask(attention_mask, seq_len),
                 lang_mask=_flat_lang_mask(lang_mask, batch, seq_len),
                 compute_losses=compute_losses,
+                lpr_loss_form=config.lpr_loss_form,
             )
             kwargs[ROUTING_KWARG] = context
         # The authors add the router losses to the loss only when training: in evaluation the loss (hence

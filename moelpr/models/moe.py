@@ -92,6 +92,7 @@ class RoutingContext:
     lang_mask: torch.Tensor | None  # [tokens] bool, True on old-language tokens
     compute_losses: bool = False
     loss_weights: tuple[float, float] | None = None  # (balance, lpr) per layer; None: no loss gradient
+    lpr_loss_form: str = "paper"  # the config's lpr_loss_form (see lpr_loss)
     loss_scale: LossScale | None = None
     records: list[LayerRouting] = field(default_factory=list)
 
@@ -131,15 +132,24 @@ def load_balancing_loss(
     return num_experts * torch.sum(slots_per_token * mean_prob)
 
 
-def lpr_loss(router_logits: torch.Tensor, old_token_mask: torch.Tensor | None) -> torch.Tensor:
-    """Language Priors Routing: cross-entropy of old-language tokens' router logits toward expert 0.
+def lpr_loss(router_logits: torch.Tensor, old_token_mask: torch.Tensor | None, form: str = "paper") -> torch.Tensor:
+    """Language Priors Routing: cross-entropy of old-language tokens' routing toward expert 0, averaged over the
+    old-language tokens; zero when there is none, so new-language-only batches get no LPR term.
 
-    Applied to logits (one softmax), as in the paper's formula; zero when no old-language token is
-    present, so new-language-only batches get no LPR term.
+    ``form="paper"``: on the router logits (one softmax), the paper's formula. ``form="authors"``: on the router's
+    softmax outputs, as the authors' code does (``CrossEntropyLoss`` given the probabilities): a second softmax,
+    whose inputs lie in [0, 1], so the loss is at least ``log(1 + (N - 1) / e)`` and its gradient reaching the
+    logits is several times weaker (docs/llamafactory.md has the measured ratio). The authors average over every
+    (layer, old-language token) pair and mask padding; the model averages this per-layer mean over layers, which
+    is the same mean since every layer sees the same tokens.
     """
     logits = router_logits.float()
     if old_token_mask is None:
         return logits.sum() * 0.0
+    if form == "authors":
+        logits = F.softmax(logits, dim=-1)
+    elif form != "paper":
+        raise ValueError(f"lpr_loss form must be 'paper' or 'authors', got {form!r}.")
     weight = old_token_mask.to(logits.dtype)
     nll = -F.log_softmax(logits, dim=-1)[:, 0]
     return (nll * weight).sum() / weight.sum().clamp(min=1.0)
@@ -150,8 +160,10 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
 
     With k = 1 renormalising gives a weight of exactly 1 and no gradient, so the LM loss could not teach
     the router. The weight is then ``p / stop_gradient(p)``: its value is 1, so an upcycled model still
-    computes the dense function, and its gradient is that of the probability (relative to it), so the
-    router learns from the LM loss as in Switch Transformer and the authors' code.
+    computes the dense function, and its gradient is ``grad p / p`` (the gradient of ``log p``): N times
+    ``grad p`` at even routing (p = 1/N), and larger the less likely the chosen expert. Switch Transformer and
+    the authors' code use the raw ``p`` as the weight (gradient ``grad p``, but every output scaled by p, about
+    1/N at the start), so at the start the LM loss reaches the router about N times more strongly here.
     """
     router_probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
     weights, selected = torch.topk(router_probs, top_k, dim=-1)
@@ -265,7 +277,7 @@ def record_routing(
         old_tokens = context.lang_mask
         if old_tokens is not None and context.token_mask is not None:
             old_tokens = old_tokens & context.token_mask
-        lpr = lpr_loss(router_logits, old_tokens)
+        lpr = lpr_loss(router_logits, old_tokens, context.lpr_loss_form)
     context.records.append(
         LayerRouting(router_logits, balance.detach(), lpr.detach() if lpr is not None else None, ffn_weight)
     )

@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import shutil
 import sys
 from collections.abc import Callable
@@ -210,15 +211,33 @@ def _meta_rows(hidden_size: int, dtype: torch.dtype) -> Callable[[int], torch.Te
     return lambda n: torch.empty(n, hidden_size, dtype=dtype, device="meta")
 
 
+# How routers start: "xavier" is torch.nn.init.xavier_normal_ as the MoE-LPR authors' code applies it; "normal" is
+# the family's _init_weights (randn * initializer_range), this project's choice before the authors' was matched.
+XAVIER, NORMAL = "xavier", "normal"
+ROUTER_INITS = (XAVIER, NORMAL)
+
+
+def router_std(init: str, hidden_size: int, num_experts: int, initializer_range: float) -> float:
+    """Standard deviation of a ``[num_experts, hidden_size]`` router's initial weights: ``sqrt(2 / (hidden + N))``
+    for ``xavier`` (fan-in + fan-out of the linear layer, gain 1), ``initializer_range`` for ``normal``."""
+    if init == XAVIER:
+        return math.sqrt(2.0 / (hidden_size + num_experts))
+    if init == NORMAL:
+        return initializer_range
+    raise UpcyclingError(f"--router_init must be one of {', '.join(ROUTER_INITS)}, got {init!r}.")
+
+
 def router_rows(
-    seed: int, layer: int, hidden_size: int, std: float, dtype: torch.dtype
+    seed: int, layer: int, hidden_size: int, dtype: torch.dtype, init: str = XAVIER, initializer_range: float = 0.02
 ) -> Callable[[int], torch.Tensor]:
-    """``random_rows`` of one layer's block: ``randn(n, hidden) * std`` in ``dtype``. Each layer draws from its own
-    generator seeded from ``(seed, layer)``, so the values do not depend on the order tensors are written in;
-    successive calls continue the layer's stream."""
+    """``random_rows`` of one layer's block: ``randn(n, hidden) * router_std(init, ...)`` in ``dtype``. Each layer draws
+    from its own generator seeded from ``(seed, layer)``, so the values do not depend on the order tensors are written
+    in; successive calls continue the layer's stream."""
     digest = hashlib.sha256(f"moelpr-upcycle/{seed}/{layer}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-    return lambda n: (torch.randn(n, hidden_size, generator=generator) * std).to(dtype)
+    return lambda n: (
+        torch.randn(n, hidden_size, generator=generator) * router_std(init, hidden_size, n, initializer_range)
+    ).to(dtype)
 
 
 def plan_upcycling(reader: CheckpointReader, config, model_class: type) -> list[UpcyclingStep]:
@@ -295,24 +314,30 @@ def plan_upcycling(reader: CheckpointReader, config, model_class: type) -> list[
 
 
 def _step_tensors(
-    reader: CheckpointReader, step: UpcyclingStep, config, block_class: type, seed: int
+    reader: CheckpointReader, step: UpcyclingStep, config, block_class: type, seed: int, router_init: str
 ) -> dict[str, torch.Tensor]:
     if step.layer is None:
         return {step.outputs[0].name: reader.get(step.inputs[0])}
     ffn = {name.removeprefix(step.prefix): reader.get(name) for name in step.inputs}
     dtype = next(iter(ffn.values())).dtype
-    rows = router_rows(seed, step.layer, config.hidden_size, config.initializer_range, dtype)
+    rows = router_rows(seed, step.layer, config.hidden_size, dtype, router_init, config.initializer_range)
     block = block_class.upcycled_tensors(ffn, config.num_experts_of(step.layer), rows)
     return {step.prefix + name: tensor for name, tensor in block.items()}
 
 
 def write_upcycled(
-    reader: CheckpointReader, steps: list[UpcyclingStep], writer: ShardedWriter, config, block_class: type, seed: int
+    reader: CheckpointReader,
+    steps: list[UpcyclingStep],
+    writer: ShardedWriter,
+    config,
+    block_class: type,
+    seed: int,
+    router_init: str = XAVIER,
 ) -> None:
     """Make and write the planned tensors, one step (one tensor, or one layer's block) in memory at a time."""
     with tqdm(total=sum(len(step.outputs) for step in steps), desc="upcycling", unit="tensor", disable=None) as bar:
         for step in steps:
-            tensors = _step_tensors(reader, step, config, block_class, seed)
+            tensors = _step_tensors(reader, step, config, block_class, seed, router_init)
             while tensors:  # popped as written, so that no reference outlives the step
                 name = next(iter(tensors))
                 writer.write(name, tensors.pop(name))
@@ -331,6 +356,7 @@ def upcycle(
     old_corpora: list[Path] | None = None,
     allocation_max_tokens: int = DEFAULT_MAX_TOKENS,
     method: str = "moe_lpr",
+    router_init: str = XAVIER,
 ) -> Path:
     """Write the upcycled checkpoint (weights, config, generation config, tokenizer) of the dense safetensors
     checkpoint at ``model_path``.
@@ -343,13 +369,16 @@ def upcycle(
     saved as ``layer_allocation.json``. MoE-LPR counts the original FFN as expert 0, MoE-CT counts the routed experts only;
     ``num_experts`` and ``top_k`` default to the method's (4 and 2 for MoE-LPR, 2 and 1 for MoE-CT). Weights are
     written in shards of at most ``max_shard_size`` (``"5GB"``, bytes...). The output appears whole or not at all
-    (see :func:`~moelpr.checkpoints.streaming.staged_directory`).
+    (see :func:`~moelpr.checkpoints.streaming.staged_directory`). ``router_init`` is ``"xavier"`` (the MoE-LPR
+    authors' ``xavier_normal_``) or ``"normal"`` (``randn * initializer_range``); see :func:`router_std`.
     """
     from transformers import AutoConfig, AutoTokenizer
 
     if method not in METHOD_NAMES:
         raise UpcyclingError(f"--method must be one of {', '.join(METHOD_NAMES)}, got {method!r}.")
     moe_method = METHOD_NAMES[method]
+    if router_init not in ROUTER_INITS:
+        raise UpcyclingError(f"--router_init must be one of {', '.join(ROUTER_INITS)}, got {router_init!r}.")
     default_experts, default_top_k = DEFAULT_EXPERTS[moe_method]
     num_experts = default_experts if num_experts is None else num_experts
     top_k = default_top_k if top_k is None else top_k
@@ -398,7 +427,9 @@ def upcycle(
                 layout = [spec for step in steps for spec in step.outputs]
                 writer = ShardedWriter(staging, layout, max_shard_bytes)
                 try:
-                    write_upcycled(reader, steps, writer, config, model_class.moe_block_class(config), seed)
+                    write_upcycled(
+                        reader, steps, writer, config, model_class.moe_block_class(config), seed, router_init
+                    )
                 finally:
                     writer.close()
                 writer.finish()
@@ -440,6 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--moe_layers", default=None, help="'all' (default), 'every:K', or indices like '0,2,5-7'; other layers stay dense"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the router initialisation")
+    parser.add_argument(
+        "--router_init",
+        choices=list(ROUTER_INITS),
+        default=XAVIER,
+        help="xavier (default, the MoE-LPR authors'): std sqrt(2 / (hidden + num_experts)); normal: std = the "
+        "config's initializer_range (this project's initialisation before; the demo's figures were measured with it)",
+    )
     parser.add_argument("--new_corpus", type=split_paths, default=None, metavar="FILE[,FILE]",
                         help="with auto:K: jsonl texts ({\"text\": ...}) of the new languages, comma-separated")
     parser.add_argument("--old_corpus", type=split_paths, default=None, metavar="FILE[,FILE]",
@@ -460,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         out = upcycle(
             args.model_path, args.output_path, args.num_experts, args.topk, args.moe_layers, args.seed,
             args.max_shard_size, args.new_corpus, args.old_corpus, args.allocation_max_tokens, method=args.method,
+            router_init=args.router_init,
         )
     except (UpcyclingError, AllocationError) as error:
         print(f"moelpr upcycle: error: {error}", file=sys.stderr)
