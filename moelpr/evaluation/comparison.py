@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..checkpoints.streaming import CheckpointReader
 from ..models.moe import NEW_EXPERTS_NAME, ORIGINAL_EXPERT_NAME
-from .intervals import change_interval, gain_share_interval, mean_change_interval
+from .intervals import change_interval, document_units, gain_share_interval, mean_change_interval
 
 TRAINABLE_LINE = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)")
 _EXPERT_TENSOR = re.compile(rf"\.layers\.(\d+)\..*\.({ORIGINAL_EXPERT_NAME}|{NEW_EXPERTS_NAME}\.\d+)\.")
@@ -94,10 +94,6 @@ def training_seconds(runs: Sequence[Path]) -> tuple[float, int]:
     return seconds, steps
 
 
-def _blocks(cell: dict) -> tuple[list[float], list[int]]:
-    return cell["block_nll"], cell["block_tokens"]
-
-
 def compare(eval_dir: Path, methods_file: Path) -> dict:
     """Every figure of the comparison, per method (see the module docstring)."""
     report = json.loads((eval_dir / "perplexity.json").read_text())
@@ -118,8 +114,7 @@ def compare(eval_dir: Path, methods_file: Path) -> dict:
         cells = models[method.name]["languages"]
         per_language = {}
         for lang in languages:
-            paired = cells[lang]["blocks_digest"] == base[lang]["blocks_digest"]
-            low, high = change_interval(_blocks(base[lang]), _blocks(cells[lang]), paired)
+            low, high = change_interval(document_units(base[lang]), document_units(cells[lang]), paired=True)
             per_language[lang] = {
                 "perplexity": cells[lang]["perplexity"],
                 "interval": cells[lang]["interval"],
@@ -128,7 +123,7 @@ def compare(eval_dir: Path, methods_file: Path) -> dict:
             }
             if lang in new:
                 per_language[lang]["gain_share"] = list(
-                    gain_share_interval(_blocks(base[lang]), _blocks(reference[lang]), _blocks(cells[lang]))
+                    gain_share_interval(document_units(base[lang]), document_units(reference[lang]), document_units(cells[lang]))
                 )
         seconds, steps = training_seconds(method.runs)
         total, active = parameter_counts(Path(models[method.name]["path"]))
@@ -136,8 +131,8 @@ def compare(eval_dir: Path, methods_file: Path) -> dict:
             "name": method.name,
             "label": method.label,
             "languages": per_language,
-            "new_mean_change": list(mean_change_interval([(_blocks(base[lang]), _blocks(cells[lang])) for lang in new])),
-            "old_mean_change": list(mean_change_interval([(_blocks(base[lang]), _blocks(cells[lang])) for lang in old])),
+            "new_mean_change": list(mean_change_interval([(document_units(base[lang]), document_units(cells[lang])) for lang in new])),
+            "old_mean_change": list(mean_change_interval([(document_units(base[lang]), document_units(cells[lang])) for lang in old])),
             "trainable_params": trainable_parameters(method.logs),
             "total_params": total,
             "active_params": active,
@@ -167,7 +162,7 @@ def markdown(result: dict) -> str:
     lines = [
         "# Methods compared on the same data and token budget",
         "",
-        f"Held-out perplexity (lower is better) [{level}% bootstrap interval over the held-out blocks]; the base "
+        f"Held-out perplexity (lower is better) [{level}% bootstrap interval over the held-out documents]; the base "
         f"model `{result['base']}`: " + ", ".join(f"{lang} {ppl:.2f}" for lang, ppl in result["base_perplexity"].items())
         + ".",
         "",
@@ -180,7 +175,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Change against the base model [{level}% paired interval; `*`: the interval excludes 0], and the share of "
+        f"Change against the base model [{level}% interval, paired over the same documents; `*`: the interval "
+        "excludes 0], and the share of "
         f"`{result['reference']}`'s log-perplexity gain kept on each new language:",
         "",
         "| " + " | ".join(["method", *(f"{lang} change" for lang in (*new, *old)),
@@ -248,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = compare(args.eval_dir, args.methods)
-    except (ComparisonError, OSError, KeyError, json.JSONDecodeError) as error:
+    except (ValueError, OSError, KeyError, json.JSONDecodeError) as error:
         print(f"comparison: error: {error}", file=sys.stderr)
         return 2
     args.output_dir.mkdir(parents=True, exist_ok=True)
