@@ -294,3 +294,77 @@ def test_eval_reports_the_fusion_weights_of_a_moect_model(tiny_llama_dir, moect_
     routing["ct"]["languages"]["hu"]["ffn_fusion_weight"][0] = 1.5
     (out / "routing.json").write_text(json.dumps(routing))
     assert check_report(out) == ["ct/hu: ffn_fusion_weight outside [0, 1]"]
+
+
+def test_bootstrap_resamples_documents_not_blocks():
+    """Eight documents of eight blocks each, the blocks of one document identical (as the blocks of one help page
+    are alike): resampling the 64 blocks as if independent gives a narrower interval than the data allow; the
+    evaluation's unit, the document, gives the wider one."""
+    from moelpr.evaluation.intervals import perplexity_interval
+
+    rng = np.random.default_rng(2)
+    per_document = rng.normal(3.0, 0.4, size=8)
+    block_nll, block_tokens = np.repeat(per_document, 8) * 256, np.full(64, 256)
+    document_nll, document_tokens = per_document * 256 * 8, np.full(8, 256 * 8)
+    blocks = perplexity_interval(block_nll, block_tokens)
+    documents = perplexity_interval(document_nll, document_tokens)
+    assert math.exp(per_document.mean()) == pytest.approx(math.exp(document_nll.sum() / document_tokens.sum()))
+    assert (documents[1] - documents[0]) > 2 * (blocks[1] - blocks[0])
+
+
+def test_packed_blocks_credit_each_token_to_its_document(tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    from moelpr.evaluation.perplexity import packed_blocks
+
+    texts = TEXTS["en"][:4]
+    blocks, owners = packed_blocks(tokenizer, texts, cutoff_len=48)
+    result = evaluate_language(model, blocks, batch_size=3, is_moe=False, token_documents=owners)
+    lengths = [len(tokenizer(t + tokenizer.eos_token, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert len(blocks) >= 2 and lengths[0] < 48 < lengths[0] + lengths[1]  # the second text spans two blocks
+    block_starts = set(range(0, sum(lengths), 48))  # a block's first token is not predicted
+    starts = np.cumsum([0] + lengths)
+    expected_tokens = [sum(1 for i in range(a, b) if i not in block_starts) for a, b in zip(starts[:-1], starts[1:])]
+    assert result.document_indices == [0, 1, 2, 3] and result.document_tokens == expected_tokens
+    assert math.fsum(result.document_nll) == pytest.approx(result.nll_sum, rel=1e-9)
+    # The first text opens the first block, so its loss is the model's on the text alone.
+    first = blocks[0][: lengths[0]]
+    with torch.no_grad():
+        loss = model(input_ids=torch.tensor([first]), labels=torch.tensor([first])).loss.item()
+    assert result.document_nll[0] == pytest.approx(loss * (lengths[0] - 1), rel=1e-4)
+
+
+def test_mean_over_languages_resamples_translated_pages_jointly():
+    """Two languages whose per-page changes are the same (the same pages, translated): the joint draw keeps them
+    together, so the mean's interval is that of one language, not the sqrt(2)-narrower one of independent draws."""
+    from moelpr.evaluation.intervals import change_interval, mean_change_interval
+
+    rng = np.random.default_rng(3)
+    pages = [f"text/page{i}.xhp" for i in range(40)]
+    tokens = np.full(40, 500)
+    base = rng.normal(3.0, 0.3, size=40) * tokens
+    other = base + tokens * rng.normal(0.02, 0.05, size=40)
+    language = ((base, tokens, pages), (other, tokens, pages))
+    one = change_interval(language[0], language[1], paired=True)
+    joint = mean_change_interval([language, language])
+    renamed = [f"hu/{p}" for p in pages]  # no page in common: drawn independently
+    independent = mean_change_interval([language, ((base, tokens, renamed), (other, tokens, renamed))])
+    assert joint[2] - joint[1] == pytest.approx(one[1] - one[0], rel=0.15)  # same width, up to bootstrap noise
+    assert (independent[2] - independent[1]) < 0.85 * (joint[2] - joint[1])
+
+
+@pytest.mark.parametrize("function", ["mean_change_interval", "gain_share_interval", "change_interval"])
+def test_comparing_models_on_different_documents_is_refused_in_one_line(function):
+    from moelpr.evaluation import intervals
+
+    tokens = [100] * 6
+    base = ([300.0, 310, 290, 305, 295, 300], tokens, [f"p{i}" for i in range(6)])
+    cut = (base[0][:5], tokens[:5], base[2][:5])  # one document fewer: pairing by position would mispair
+    call = {
+        "mean_change_interval": lambda: intervals.mean_change_interval([(base, base), (base, cut)]),
+        "gain_share_interval": lambda: intervals.gain_share_interval(base, base, cut),
+        "change_interval": lambda: intervals.change_interval(base, cut, paired=True),
+    }[function]
+    with pytest.raises(intervals.MismatchedDocuments) as error:
+        call()
+    assert "different documents" in str(error.value) and len(str(error.value).splitlines()) == 1
