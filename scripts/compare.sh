@@ -6,4 +6,5 @@
 #
 #   bash scripts/compare.sh            # outputs in work/compare/ (shares the demo's download cache)
 #   bash scripts/compare.sh --quick    # tiny corpora, 2 steps per run (CI), outputs in work/compare-quick/
+#   bash scripts/compare.sh --seeds 3  # the headline rows trained with 3 seeds; the table shows their spread
 exec bash "$(dirname "$0")/demo.sh" --compare "$@"

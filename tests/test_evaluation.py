@@ -213,7 +213,7 @@ def test_paired_resampling_separates_what_unpaired_cannot():
     assert unpaired[0] < 0 < unpaired[1]  # and drowned in the spread otherwise
 
 
-def test_comparison_table_and_tradeoff_picture(tiny_llama_dir, upcycled_llama_dir, heldout_files, tmp_path):
+def test_comparison_table_and_tradeoff_picture(tiny_llama_dir, upcycled_llama_dir, heldout_files, tmp_path, capsys):
     """The comparison reads the eval report and each method's runs; parameter counts come from the checkpoints."""
     from transformers import AutoModelForCausalLM
 
@@ -240,7 +240,7 @@ def test_comparison_table_and_tradeoff_picture(tiny_llama_dir, upcycled_llama_di
     log.write_text("[INFO] trainable params: 1,234 || all params: 99,999 || trainable%: 1.2340\n")
     methods = tmp_path / "methods.json"
     methods.write_text(json.dumps({"base": "base", "reference": "full_ft", "methods": [
-        {"name": "moe", "label": "MoE-LPR", "runs": [str(run)], "logs": [str(log)]}]}))
+        {"name": "moe", "label": "MoE-LPR", "runs": [str(run)], "logs": [str(log)], "seeds": ["full_ft"]}]}))
     assert compare_main(["--eval_dir", str(out), "--methods", str(methods), "--output_dir", str(tmp_path / "cmp")]) == 0
 
     result = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
@@ -255,7 +255,23 @@ def test_comparison_table_and_tradeoff_picture(tiny_llama_dir, upcycled_llama_di
     assert abs(row["languages"]["hu"]["change"]) < 1e-4
     assert abs(row["languages"]["hu"]["gain_share"][0]) < 1e-3
     assert "| MoE-LPR |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    # A second seed (here the full_ft model standing in for one): its mean changes, by hand, beside the first's.
+    base_hu = report["models"]["base"]["languages"]["hu"]
+    by_hand = math.exp((sum(cell["document_nll"]) - sum(base_hu["document_nll"])) / sum(cell["document_tokens"])) - 1
+    assert list(row["seeds"]) == ["moe", "full_ft"]
+    assert row["seeds"]["full_ft"]["new"] == pytest.approx(by_hand) and by_hand < -0.3
+    assert row["seeds"]["moe"]["new"] == pytest.approx(row["new_mean_change"][0])
+    assert "| MoE-LPR | 2 |" in (tmp_path / "cmp" / "comparison.md").read_text()
     assert matplotlib.image.imread(tmp_path / "cmp" / "tradeoff.png").shape[0] > 300
+
+    # A model evaluated on fewer documents than the base is refused in one line, not mispaired.
+    for key in ("document_nll", "document_tokens", "document_ids"):
+        cell[key] = cell[key][:-1]
+    (out / "perplexity.json").write_text(json.dumps(report))
+    capsys.readouterr()
+    assert compare_main(["--eval_dir", str(out), "--methods", str(methods), "--output_dir", str(tmp_path / "c2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "different documents" in err and len(err.splitlines()) == 1
 
 
 def test_eval_reports_the_fusion_weights_of_a_moect_model(tiny_llama_dir, moect_llama_dir, heldout_files, tmp_path):

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .lm_eval_tasks import LANGUAGES, TRANSLATION_SHOTS, write_translation_task
+from .lm_eval_tasks import LANGUAGES, MAX_GENERATED_TOKENS, TRANSLATION_SHOTS, write_translation_task
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +161,9 @@ def _score(results: Mapping, task: str, metric: str) -> float | None:
 
 
 def run_model(model_path: Path, plan_: Plan, include_paths: Sequence[Path], device: str, batch_size: int | str,
-              dtype: str, limit: int | None) -> tuple[dict[str, dict[str, float]], list[str]]:
-    """Scores of one model, benchmark -> language -> score; and one line per task that could not run."""
+              dtype: str, limit: int | None, max_gen_toks: int | None = None) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Scores of one model, benchmark -> language -> score; and one line per task that could not run.
+    ``max_gen_toks`` caps the translations' generated tokens (default: the task files' own)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -172,6 +173,7 @@ def run_model(model_path: Path, plan_: Plan, include_paths: Sequence[Path], devi
     manager = TaskManager(include_path=[str(p) for p in include_paths])
     known = set(manager.all_tasks)
     model = HFLM(pretrained=str(model_path), device=device, batch_size=batch_size, dtype=dtype)
+    gen_kwargs = None if max_gen_toks is None else {"max_gen_toks": max_gen_toks}
     scores: dict[str, dict[str, float]] = {}
     failed = []
     for key, benchmark in plan_.benchmarks.items():
@@ -182,7 +184,7 @@ def run_model(model_path: Path, plan_: Plan, include_paths: Sequence[Path], devi
             try:
                 results = lm_eval.simple_evaluate(model=model, tasks=[task], num_fewshot=benchmark.shots,
                                                   task_manager=manager, limit=limit, log_samples=False,
-                                                  bootstrap_iters=0)
+                                                  bootstrap_iters=0, gen_kwargs=gen_kwargs)
             except Exception as error:  # noqa: BLE001 - absent data surfaces as many exception types
                 first_line = (str(error).strip().splitlines() or [""])[0][:200]
                 failed.append(f"{benchmark.label} / {lang}: {task} could not run ({type(error).__name__}: "
@@ -336,6 +338,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "benchmarks (with --include_path for task files of your own)")
     parser.add_argument("--include_path", type=Path, action="append", default=[], help="more lm-eval task folders")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task (smoke tests)")
+    parser.add_argument("--max_gen_toks", type=int, default=None,
+                        help=f"cap on the tokens generated per translation (default {MAX_GENERATED_TOKENS})")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch_size", default="8")
     parser.add_argument("--dtype", default="float32", help="torch dtype of the models (bfloat16 on GPUs)")
@@ -357,6 +361,8 @@ def _validated(args: argparse.Namespace) -> dict | None:
             raise UsageError(f"{option}: directory not found: {path}")
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be at least 1")
+    if args.max_gen_toks is not None and args.max_gen_toks < 1:
+        raise UsageError("--max_gen_toks must be at least 1")
     if args.task_map is None:
         return None
     try:
@@ -388,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = list(plan_.missing)
     for name, path in models.items():
         batch_size = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
-        scores[name], failed = run_model(path, plan_, include, args.device, batch_size, args.dtype, args.limit)
+        scores[name], failed = run_model(path, plan_, include, args.device, batch_size, args.dtype, args.limit,
+                                         args.max_gen_toks)
         missing += [f"{name}: {line}" for line in failed]
     for line in missing:
         print(f"moelpr bench: {line}", file=sys.stderr)

@@ -9,7 +9,11 @@ stages and their console logs (LLaMA-Factory logs ``trainable params: N || all p
 
     {"base": "base", "reference": "full_ft",
      "methods": [{"name": "moelpr", "label": "MoE-LPR", "runs": ["saves/stage1", "saves/stage2"],
-                  "logs": ["logs/stage1.log", "logs/stage2.log"]}, ...]}
+                  "logs": ["logs/stage1.log", "logs/stage2.log"], "seeds": ["moelpr_seed2", "moelpr_seed3"]}, ...]}
+
+``seeds`` (optional) names the models of the same method trained again with other seeds: the table then shows the
+spread of the mean changes over all of the method's seeds beside the first seed's interval, since an interval over
+held-out documents says nothing about the randomness of training.
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ def compare(eval_dir: Path, methods_file: Path) -> dict:
     spec = json.loads(methods_file.read_text())
     models, languages = report["models"], report["languages"]
     base_name, reference_name = spec["base"], spec["reference"]
-    for name in (base_name, reference_name, *(m["name"] for m in spec["methods"])):
+    for name in (base_name, reference_name, *(n for m in spec["methods"] for n in [m["name"], *m.get("seeds", [])])):
         if name not in models:
             raise ComparisonError(f"model {name!r} is not in {eval_dir}/perplexity.json")
     new = [lang for lang, role in languages.items() if role == "new"]
@@ -125,6 +129,14 @@ def compare(eval_dir: Path, methods_file: Path) -> dict:
                 per_language[lang]["gain_share"] = list(
                     gain_share_interval(document_units(base[lang]), document_units(reference[lang]), document_units(cells[lang]))
                 )
+        seed_changes = {}
+        for seed_name in [method.name, *entry.get("seeds", [])]:
+            seed_cells = models[seed_name]["languages"]
+            seed_changes[seed_name] = {
+                group: mean_change_interval([(document_units(base[lang]), document_units(seed_cells[lang]))
+                                             for lang in langs])[0]
+                for group, langs in (("new", new), ("old", old))
+            }
         seconds, steps = training_seconds(method.runs)
         total, active = parameter_counts(Path(models[method.name]["path"]))
         rows.append({
@@ -139,6 +151,7 @@ def compare(eval_dir: Path, methods_file: Path) -> dict:
             "train_seconds": seconds,
             "train_steps": steps,
             "eval_tokens_per_second": models[method.name]["eval_tokens_per_second"],
+            "seeds": seed_changes,  # mean new- and old-language change of each seed's model
         })
     base_total, _ = parameter_counts(Path(models[base_name]["path"]))
     return {"base": base_name, "reference": reference_name, "new": new, "old": old, "base_params": base_total,
@@ -188,6 +201,21 @@ def markdown(result: dict) -> str:
                    for lang in (*new, *old)]
         kept = ["{:.0%} [{:.0%}, {:.0%}]".format(*row["languages"][lang]["gain_share"]) for lang in new]
         lines.append(f"| {row['label']} | " + " | ".join(changes + kept) + " |")
+    if any(len(row["seeds"]) > 1 for row in result["methods"]):
+        lines += [
+            "",
+            "Training randomness: the mean changes of every seed's model (the first is the one above); a difference "
+            "is real only when it holds across seeds and its interval excludes 0:",
+            "",
+            "| method | seeds | mean new-language change per seed | mean old-language change per seed |",
+            "|---|---:|---|---|",
+        ]
+        for row in result["methods"]:
+            runs = list(row["seeds"].values())
+            lines.append(f"| {row['label']} | {len(runs)} | " + " | ".join(
+                ", ".join(f"{100 * run[group]:+.1f}%" for run in runs)
+                + f" (spread {100 * (max(r[group] for r in runs) - min(r[group] for r in runs)):.1f} points)"
+                for group in ("new", "old")) + " |")
     lines += [
         "",
         "| method | mean new-language change | mean old-language change | trainable | total | active per token "
