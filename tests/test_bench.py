@@ -173,7 +173,8 @@ def test_bench_writes_the_papers_layout(tiny_llama_dir, helppage_tasks, tmp_path
     assert len(absent) == 2 and all(line.startswith("moelpr bench: ") and "left out" in line for line in absent)
 
     report = json.loads((out / "bench.json").read_text())
-    assert list(report["models"]) == ["model", "baseline"] and list(report["scores"]) == ["baseline", "model"]
+    assert report["checkpoints"] == {"model": str(changed), "baseline": str(tiny_llama_dir)}
+    assert list(report["models"]) == list(report["scores"]) == ["baseline", "model"]
     assert set(report["benchmarks"]) == {"arc", "hellaswag", "belebele", "flores_x_en", "flores_en_x",
                                          "help_completion", "help_x_en", "help_en_x"}
     assert report["benchmarks"]["belebele"]["languages"] == ["en"]  # hu's data absent: out of every average
@@ -221,3 +222,11 @@ def test_bench_rejects_mistakes_in_one_line(tiny_llama_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_corpora_refuses_helppage_tasks_without_english_before_building(tmp_path, capsys):
+    from moelpr.corpora.cli import main as corpora_main
+
+    assert corpora_main(["--output_dir", str(tmp_path / "c"), "--old", "es", "--lm_eval_tasks"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "add en to --old" in err and len(err.splitlines()) == 1 and not (tmp_path / "c").exists()

@@ -384,3 +384,21 @@ def test_comparing_models_on_different_documents_is_refused_in_one_line(function
     with pytest.raises(intervals.MismatchedDocuments) as error:
         call()
     assert "different documents" in str(error.value) and len(str(error.value).splitlines()) == 1
+
+
+def test_report_header_says_paired_only_when_the_models_saw_the_same_documents():
+    from moelpr.evaluation.report import _perplexity_markdown, _with_intervals
+
+    def cell(ids):
+        nll, tokens = [300.0 + 10 * i for i in range(len(ids))], [100] * len(ids)
+        return {"perplexity": math.exp(sum(nll) / sum(tokens)), "document_nll": nll, "document_tokens": tokens,
+                "document_ids": ids, "predicted_tokens": sum(tokens)}
+
+    settings = {"bootstrap": {"level": 0.95}, "cutoff_len": 256, "dtype": "float32"}
+    same, other = ["a", "b", "c", "d"], ["a", "b", "c", "e"]
+    for ids, header in ((same, "paired over the same documents]"), (other, "resampled independently")):
+        results = {name: {"languages": {"hu": cell(doc_ids)}, "eval_tokens_per_second": 1.0}
+                   for name, doc_ids in (("base", same), ("model", ids))}
+        _with_intervals(results, ["hu"])
+        assert results["model"]["languages"]["hu"]["change_vs_baseline"]["paired"] == (ids == same)
+        assert header in _perplexity_markdown(results, ["hu"], set(), settings)

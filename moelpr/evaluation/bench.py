@@ -405,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not table["benchmarks"]:
         print("moelpr bench: error: no benchmark could be run (see the lines above)", file=sys.stderr)
         return 1
-    report = {"models": {name: str(path) for name, path in models.items()}, "new": args.new, "old": args.old,
+    report = {"checkpoints": {name: str(path) for name, path in models.items()}, "new": args.new, "old": args.old,
               "limit": args.limit, "scores": scores, "missing": missing, **table}
     (args.output_dir / "bench.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     text = markdown(table, args.new, args.old, "baseline" if args.baseline else None, missing, args.limit)
