@@ -105,11 +105,10 @@ def write_helppage_tasks(corpora_dir: Path, codes: Sequence[str], english: str =
         pairs = aligned_paragraphs(pages[english], held_out)
         if len(pairs) <= TRANSLATION_SHOTS:
             continue
-        shots, test = pairs[:TRANSLATION_SHOTS], pairs[TRANSLATION_SHOTS:]
-        for source, target, swap in ((english, code, False), (code, english, True)):
-            flip = [{"id": p["id"], "source": p["target"], "target": p["source"]} for p in (shots + test)] if swap else None
-            task_shots, task_test = (flip[:TRANSLATION_SHOTS], flip[TRANSLATION_SHOTS:]) if swap else (shots, test)
-            name = write_translation_task(out, translation_task_name(source, target), source, target, task_test, task_shots)
-            counts[name] = {"items": len(task_test)}
+        reverse = [{"id": p["id"], "source": p["target"], "target": p["source"]} for p in pairs]
+        for source, target, both in ((english, code, pairs), (code, english, reverse)):
+            shots, test = both[:TRANSLATION_SHOTS], both[TRANSLATION_SHOTS:]
+            name = write_translation_task(out, translation_task_name(source, target), source, target, test, shots)
+            counts[name] = {"items": len(test)}
     (out / "tasks.json").write_text(json.dumps(counts, indent=2) + "\n")
     return counts

@@ -47,7 +47,8 @@ class Benchmark:
 BENCHMARKS = {
     "arc": Benchmark("ARC-Challenge", 25, "acc_norm", {
         "en": "arc_challenge", "es": "arc_es", "zh": "arc_zh", "hu": "arc_hu", "el": "arc_challenge_mt_el"}),
-    "hellaswag": Benchmark("HellaSwag", 10, "acc_norm", {"en": "hellaswag", "es": "hellaswag_es", "hu": "hellaswag_hu"}),
+    "hellaswag": Benchmark("HellaSwag", 10, "acc_norm", {
+        "en": "hellaswag", "es": "hellaswag_es", "hu": "hellaswag_hu"}),
     "mmlu": Benchmark("MMLU", 5, "acc", {
         "en": "mmlu", "es": "m_mmlu_es", "zh": "m_mmlu_zh", "hu": "m_mmlu_hu", "tr": "global_mmlu_full_tr",
         "el": "global_mmlu_full_el"}),
@@ -160,8 +161,10 @@ def _score(results: Mapping, task: str, metric: str) -> float | None:
     return None
 
 
-def run_model(model_path: Path, plan_: Plan, include_paths: Sequence[Path], device: str, batch_size: int | str,
-              dtype: str, limit: int | None, max_gen_toks: int | None = None) -> tuple[dict[str, dict[str, float]], list[str]]:
+def run_model(
+    model_path: Path, plan_: Plan, include_paths: Sequence[Path], device: str, batch_size: int | str, dtype: str,
+    limit: int | None, max_gen_toks: int | None = None,
+) -> tuple[dict[str, dict[str, float]], list[str]]:
     """Scores of one model, benchmark -> language -> score; and one line per task that could not run.
     ``max_gen_toks`` caps the translations' generated tokens (default: the task files' own)."""
     import lm_eval
@@ -261,7 +264,8 @@ def markdown(table: Mapping, new: Sequence[str], old: Sequence[str], baseline: s
     lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for m in models:
         entry = table["models"][m]
-        cells = [f"{_fmt(entry['benchmarks'][k]['expanded'])} / {_fmt(entry['benchmarks'][k]['original'])}" for k in keys]
+        cells = [f"{_fmt(entry['benchmarks'][k]['expanded'])} / {_fmt(entry['benchmarks'][k]['original'])}"
+                 for k in keys]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {_fmt(entry['expanded'])} | {_fmt(entry['original'])} |")
     if baseline is not None and len(models) > 1:
         lines += ["", f"Against `{baseline}`: change in points, and the share of its score kept:", "",
@@ -325,7 +329,8 @@ def plot(table: Mapping, path: Path) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="moelpr bench", description=__doc__.split("\n\n")[0], epilog=EXAMPLE)
     parser.add_argument("--model_path", type=Path, required=True, help="the checkpoint to evaluate")
-    parser.add_argument("--baseline", type=Path, default=None, help="a checkpoint to compare with (e.g. the base model)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a checkpoint to compare with (e.g. the base model)")
     parser.add_argument("--new", type=_codes, default=_codes("hu,tr,el"), help="expanded languages (default hu,tr,el)")
     parser.add_argument("--old", type=_codes, default=_codes("en,es,zh"), help="original languages (default en,es,zh)")
     parser.add_argument("--output_dir", type=Path, required=True)
@@ -337,7 +342,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="JSON {benchmark: {label, shots, metric, tasks: {lang: task}}} replacing the paper's "
                              "benchmarks (with --include_path for task files of your own)")
     parser.add_argument("--include_path", type=Path, action="append", default=[], help="more lm-eval task folders")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task (smoke tests)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="score only the first N documents of each task (smoke tests)")
     parser.add_argument("--max_gen_toks", type=int, default=None,
                         help=f"cap on the tokens generated per translation (default {MAX_GENERATED_TOKENS})")
     parser.add_argument("--device", default="cpu")

@@ -104,21 +104,24 @@ def compare(eval_dir: Path, methods_file: Path) -> dict:
     spec = json.loads(methods_file.read_text())
     models, languages = report["models"], report["languages"]
     base_name, reference_name = spec["base"], spec["reference"]
-    for name in (base_name, reference_name, *(n for m in spec["methods"] for n in [m["name"], *m.get("seeds", [])])):
+    seed_models = [n for m in spec["methods"] for n in [m["name"], *m.get("seeds", [])]]
+    for name in (base_name, reference_name, *seed_models):
         if name not in models:
             raise ComparisonError(f"model {name!r} is not in {eval_dir}/perplexity.json")
     new = [lang for lang, role in languages.items() if role == "new"]
     old = [lang for lang, role in languages.items() if role == "old"]
     base = models[base_name]["languages"]
     reference = models[reference_name]["languages"]
+    base_units = {lang: document_units(base[lang]) for lang in languages}
     rows = []
     for entry in spec["methods"]:
         method = MethodSpec(entry["name"], entry.get("label", entry["name"]), [Path(p) for p in entry["runs"]],
                             [Path(p) for p in entry["logs"]])
         cells = models[method.name]["languages"]
+        units = {lang: document_units(cells[lang]) for lang in languages}
         per_language = {}
         for lang in languages:
-            low, high = change_interval(document_units(base[lang]), document_units(cells[lang]), paired=True)
+            low, high = change_interval(base_units[lang], units[lang], paired=True)
             per_language[lang] = {
                 "perplexity": cells[lang]["perplexity"],
                 "interval": cells[lang]["interval"],
@@ -127,13 +130,13 @@ def compare(eval_dir: Path, methods_file: Path) -> dict:
             }
             if lang in new:
                 per_language[lang]["gain_share"] = list(
-                    gain_share_interval(document_units(base[lang]), document_units(reference[lang]), document_units(cells[lang]))
+                    gain_share_interval(base_units[lang], document_units(reference[lang]), units[lang])
                 )
         seed_changes = {}
         for seed_name in [method.name, *entry.get("seeds", [])]:
             seed_cells = models[seed_name]["languages"]
             seed_changes[seed_name] = {
-                group: mean_change_interval([(document_units(base[lang]), document_units(seed_cells[lang]))
+                group: mean_change_interval([(base_units[lang], document_units(seed_cells[lang]))
                                              for lang in langs])[0]
                 for group, langs in (("new", new), ("old", old))
             }
@@ -143,8 +146,8 @@ def compare(eval_dir: Path, methods_file: Path) -> dict:
             "name": method.name,
             "label": method.label,
             "languages": per_language,
-            "new_mean_change": list(mean_change_interval([(document_units(base[lang]), document_units(cells[lang])) for lang in new])),
-            "old_mean_change": list(mean_change_interval([(document_units(base[lang]), document_units(cells[lang])) for lang in old])),
+            "new_mean_change": list(mean_change_interval([(base_units[lang], units[lang]) for lang in new])),
+            "old_mean_change": list(mean_change_interval([(base_units[lang], units[lang]) for lang in old])),
             "trainable_params": trainable_parameters(method.logs),
             "total_params": total,
             "active_params": active,

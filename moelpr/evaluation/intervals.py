@@ -128,7 +128,8 @@ def mean_change_interval(
     for index, (base, other) in enumerate(pairs):
         require_same_documents(base, other, what=f"models of language #{index + 1}")
     counts = joint_counts([base for base, _ in pairs], samples, seed)
-    drawn = [np.expm1(_log_perplexities(other, c) - _log_perplexities(base, c)) for (base, other), c in zip(pairs, counts)]
+    drawn = [np.expm1(_log_perplexities(other, c) - _log_perplexities(base, c))
+             for (base, other), c in zip(pairs, counts)]
     point = np.mean([np.expm1(_log_perplexity(other) - _log_perplexity(base)) for base, other in pairs])
     low, high = _bounds(np.mean(drawn, axis=0), level)
     return float(point), low, high
