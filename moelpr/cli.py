@@ -1,4 +1,5 @@
-"""The ``moelpr`` command: ``moelpr upcycle ...``, ``moelpr export ...``, ``moelpr expand ...``, ``moelpr eval ...``."""
+"""The ``moelpr`` command: ``moelpr upcycle ...``, ``moelpr export ...``, ``moelpr expand ...``, ``moelpr eval ...``,
+``moelpr bench ...``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ SUBCOMMANDS = {
         "LLaMA-Pro block expansion of a dense checkpoint (identity-initialised blocks)",
     ),
     "eval": ("moelpr.evaluation.cli", "per-language perplexity and routing report of one or more models"),
+    "bench": ("moelpr.evaluation.bench", "benchmark accuracy (ARC, HellaSwag, MMLU, Belebele, FLORES) in the paper's layout"),
     "corpora": ("moelpr.corpora.cli", "build the demo corpora from Debian's LibreOffice help and fortunes"),
 }
 

@@ -8,4 +8,5 @@
 #   bash scripts/compare.sh --quick    # tiny corpora, 2 steps per run (CI), outputs in work/compare-quick/
 #   bash scripts/compare.sh --base gemma3-270m   # Gemma 3 270M; de, fr, es evaluated only (unseen original
 #                                                # languages); outputs in work/compare-gemma3-270m/; resumable
+#   bash scripts/compare.sh --seeds 3  # the headline rows trained with 3 seeds; the table shows their spread
 exec bash "$(dirname "$0")/demo.sh" --compare "$@"

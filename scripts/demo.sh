@@ -10,6 +10,8 @@
 #   --base gemma3-270m              # Gemma 3 270M (multilingual) instead of SmolLM2; German, French and Spanish are
 #                                   # evaluated as unseen original languages (never trained on or replayed); outputs
 #                                   # in work/<demo|compare>-gemma3-270m/; every run checkpoints and resumes
+#   --seeds N                       # with --compare: the headline rows trained with N seeds; the table shows their
+#                                   # spread
 #
 # Every step whose output exists is skipped, so a second run only redoes what is missing; delete a step's
 # output directory to redo it. Environment overrides: MOELPR_DEMO_DIR (outputs), MOELPR_CACHE_DIR (downloads
@@ -21,6 +23,7 @@ cd "$(dirname "$0")/.."
 QUICK=${MOELPR_DEMO_QUICK:-0}
 COMPARE=0
 BASE=smollm2
+SEEDS=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -28,11 +31,15 @@ while [ $# -gt 0 ]; do
         --base) [ $# -ge 2 ] || { echo "demo.sh: --base needs a value (smollm2 or gemma3-270m)" >&2; exit 2; }
                 BASE=$2; shift ;;
         --base=*) BASE=${1#--base=} ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "demo.sh: unknown option $1 (use --quick, --compare, --base or --help)" >&2; exit 2 ;;
+        --seeds) SEEDS=${2:-}; shift ;;
+        --seeds=*) SEEDS=${1#--seeds=} ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "demo.sh: unknown option $1 (use --quick, --compare, --base, --seeds N or --help)" >&2; exit 2 ;;
     esac
     shift
 done
+case "$SEEDS" in ''|*[!0-9]*|0) echo "demo.sh: --seeds needs a positive whole number, got '$SEEDS'" >&2; exit 2 ;; esac
+[ "$SEEDS" -gt 1 ] && [ "$COMPARE" = 0 ] && { echo "demo.sh: --seeds is for the comparison (scripts/compare.sh)" >&2; exit 2; }
 NAME=demo
 [ "$COMPARE" = 1 ] && NAME=compare
 # The base model and what goes with it: the unseen original languages (evaluated only), the router initialisation
@@ -78,7 +85,7 @@ EVAL_DTYPE=()
 START=$SECONDS
 STEP=0
 TOTAL_STEPS=10
-[ "$COMPARE" = 1 ] && TOTAL_STEPS=15
+[ "$COMPARE" = 1 ] && TOTAL_STEPS=$((15 + SEEDS - 1))
 step() {
     STEP=$((STEP + 1))
     printf '\n[demo %d/%d, %dm%02ds] %s\n' "$STEP" "$TOTAL_STEPS" $(((SECONDS - START) / 60)) $(((SECONDS - START) % 60)) "$*"
@@ -163,6 +170,27 @@ if [ "$COMPARE" = 1 ]; then
     RUNS+=(stage2_no_lpr lora llama_pro)
 fi
 
+# --seeds N: the headline rows (full training, LoRA, MoE-LPR, MoE-CT) again with N - 1 other training seeds
+# (LLaMA-Factory's `seed`, default 42), so that the table shows how much training randomness moves them.
+for ((seed_index = 2; seed_index <= SEEDS; seed_index++)); do
+    seed=$((41 + seed_index)); tag=seed$seed_index
+    step "Seed $seed_index of $SEEDS (seed=$seed): full training, LoRA, MoE-LPR stages 1 and 2, MoE-CT"
+    train full_ft_$tag examples/moelpr/demo/demo_full_ft.yaml "$BASE_MODEL" "$NEW_TRAIN" "$MAX_SAMPLES" "$STAGE1_STEPS" seed=$seed
+    train lora_$tag examples/lora/demo_lora.yaml "$BASE_MODEL" "$NEW_TRAIN" "$MAX_SAMPLES" "$STAGE1_STEPS" seed=$seed
+    merged=$WORK/models/lora_merged_$tag
+    if [ -f "$merged/config.json" ] && [ "$merged/config.json" -nt "$SAVES/lora_$tag/train_results.json" ]; then skip "$merged"; else
+        rm -rf "$merged"
+        llamafactory-cli export examples/lora/demo_lora_merge.yaml model_name_or_path="$BASE_MODEL" \
+            adapter_name_or_path="$SAVES/lora_$tag" export_dir="$merged" 2>&1 | tee "$LOGS/lora_merge_$tag.log"
+    fi
+    train stage1_$tag examples/moelpr/demo/demo_stage1.yaml "$UPCYCLED" "$NEW_TRAIN" "$MAX_SAMPLES" "$STAGE1_STEPS" seed=$seed
+    train stage2_$tag examples/moelpr/demo/demo_stage2.yaml "$SAVES/stage1_$tag" "$REPLAY" "$REPLAY_SAMPLES" "$STAGE2_STEPS" seed=$seed
+    train moect_$tag examples/moelpr/demo/demo_moect.yaml "$UPCYCLED_CT" "$CT_MIX" "$MAX_SAMPLES" "$STAGE1_STEPS" seed=$seed
+    MODELS+=(full_ft_$tag="$SAVES/full_ft_$tag" lora_$tag="$merged" moelpr_stage2_$tag="$SAVES/stage2_$tag"
+             moect_$tag="$SAVES/moect_$tag")
+    RUNS+=(full_ft_$tag lora_$tag stage1_$tag stage2_$tag moect_$tag)
+done
+
 step "Evaluation: held-out perplexity per language ($EVAL_TOKENS tokens each), routing report, loss curves"
 stale=0
 [ -f "$EVAL/perplexity.json" ] || stale=1
@@ -179,9 +207,9 @@ fi
 
 if [ "$COMPARE" = 1 ]; then
     step "Comparison: one table with intervals, one trade-off picture"
-    python - "$SAVES" "$LOGS" "$WORK/methods.json" <<'PY'
+    python - "$SAVES" "$LOGS" "$WORK/methods.json" "$SEEDS" <<'PY'
 import json, sys
-saves, logs, out = sys.argv[1:]
+saves, logs, out, seeds = sys.argv[1:]
 methods = [  # name in the evaluation report, label, its training runs (LLaMA-Factory output directories)
     ("full_ft", "Full continual training", ["full_ft"]),
     ("lora", "LoRA (r=64)", ["lora"]),
@@ -191,8 +219,10 @@ methods = [  # name in the evaluation report, label, its training runs (LLaMA-Fa
     ("moelpr_stage2", "MoE-LPR", ["stage1", "stage2"]),
     ("moect", "MoE-CT", ["moect"]),
 ]
+HEADLINE = {"full_ft", "lora", "moelpr_stage2", "moect"}  # trained again with other seeds under --seeds N
 spec = {"base": "base", "reference": "full_ft", "methods": [
-    {"name": name, "label": label, "runs": [f"{saves}/{r}" for r in runs], "logs": [f"{logs}/{r}.log" for r in runs]}
+    {"name": name, "label": label, "runs": [f"{saves}/{r}" for r in runs], "logs": [f"{logs}/{r}.log" for r in runs],
+     "seeds": [f"{name}_seed{k}" for k in range(2, int(seeds) + 1)] if name in HEADLINE else []}
     for name, label, runs in methods]}
 open(out, "w").write(json.dumps(spec, indent=2) + "\n")
 PY

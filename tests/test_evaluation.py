@@ -111,8 +111,12 @@ def test_eval_command_writes_the_report(tiny_llama_dir, upcycled_llama_dir, held
     # Same tokenizer, same text: the change is resampled paired, and an upcycled model's change is nil.
     change = report["models"]["moe"]["languages"]["hu"]["change_vs_baseline"]
     assert change["paired"] and abs(change["interval"][0]) < 1e-3 and abs(change["interval"][1]) < 1e-3
-    low, high = report["models"]["dense"]["languages"]["hu"]["interval"]
-    assert low < report["models"]["dense"]["languages"]["hu"]["perplexity"] < high
+    low, high = report["models"]["dense"]["languages"]["en"]["interval"]
+    assert low < report["models"]["dense"]["languages"]["en"]["perplexity"] < high
+    # The 40 tokens cover the first few texts; the bootstrap resamples those texts, each token counted in its own.
+    entry = report["models"]["dense"]["languages"]["en"]
+    assert entry["document_ids"] == [f"en.jsonl#{line}" for line in range(1, len(entry["document_nll"]) + 1)]
+    assert sum(entry["document_tokens"]) == entry["predicted_tokens"] and len(entry["document_nll"]) >= 2
 
     routing = json.loads((out / "routing.json").read_text())
     assert list(routing) == ["moe"]  # dense models have no routing
@@ -209,7 +213,7 @@ def test_paired_resampling_separates_what_unpaired_cannot():
     assert unpaired[0] < 0 < unpaired[1]  # and drowned in the spread otherwise
 
 
-def test_comparison_table_and_tradeoff_picture(tiny_llama_dir, upcycled_llama_dir, heldout_files, tmp_path):
+def test_comparison_table_and_tradeoff_picture(tiny_llama_dir, upcycled_llama_dir, heldout_files, tmp_path, capsys):
     """The comparison reads the eval report and each method's runs; parameter counts come from the checkpoints."""
     from transformers import AutoModelForCausalLM
 
@@ -226,7 +230,7 @@ def test_comparison_table_and_tradeoff_picture(tiny_llama_dir, upcycled_llama_di
     # The reference must have gained something for the share to be defined: make full_ft a little better on hu.
     report = json.loads((out / "perplexity.json").read_text())
     cell = report["models"]["full_ft"]["languages"]["hu"]
-    cell["block_nll"] = [0.9 * v for v in cell["block_nll"]]
+    cell["document_nll"] = [0.9 * v for v in cell["document_nll"]]
     (out / "perplexity.json").write_text(json.dumps(report))
 
     run, log = tmp_path / "run", tmp_path / "run.log"
@@ -236,7 +240,7 @@ def test_comparison_table_and_tradeoff_picture(tiny_llama_dir, upcycled_llama_di
     log.write_text("[INFO] trainable params: 1,234 || all params: 99,999 || trainable%: 1.2340\n")
     methods = tmp_path / "methods.json"
     methods.write_text(json.dumps({"base": "base", "reference": "full_ft", "methods": [
-        {"name": "moe", "label": "MoE-LPR", "runs": [str(run)], "logs": [str(log)]}]}))
+        {"name": "moe", "label": "MoE-LPR", "runs": [str(run)], "logs": [str(log)], "seeds": ["full_ft"]}]}))
     assert compare_main(["--eval_dir", str(out), "--methods", str(methods), "--output_dir", str(tmp_path / "cmp")]) == 0
 
     result = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
@@ -251,7 +255,23 @@ def test_comparison_table_and_tradeoff_picture(tiny_llama_dir, upcycled_llama_di
     assert abs(row["languages"]["hu"]["change"]) < 1e-4
     assert abs(row["languages"]["hu"]["gain_share"][0]) < 1e-3
     assert "| MoE-LPR |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    # A second seed (here the full_ft model standing in for one): its mean changes, by hand, beside the first's.
+    base_hu = report["models"]["base"]["languages"]["hu"]
+    by_hand = math.exp((sum(cell["document_nll"]) - sum(base_hu["document_nll"])) / sum(cell["document_tokens"])) - 1
+    assert list(row["seeds"]) == ["moe", "full_ft"]
+    assert row["seeds"]["full_ft"]["new"] == pytest.approx(by_hand) and by_hand < -0.3
+    assert row["seeds"]["moe"]["new"] == pytest.approx(row["new_mean_change"][0])
+    assert "| MoE-LPR | 2 |" in (tmp_path / "cmp" / "comparison.md").read_text()
     assert matplotlib.image.imread(tmp_path / "cmp" / "tradeoff.png").shape[0] > 300
+
+    # A model evaluated on fewer documents than the base is refused in one line, not mispaired.
+    for key in ("document_nll", "document_tokens", "document_ids"):
+        cell[key] = cell[key][:-1]
+    (out / "perplexity.json").write_text(json.dumps(report))
+    capsys.readouterr()
+    assert compare_main(["--eval_dir", str(out), "--methods", str(methods), "--output_dir", str(tmp_path / "c2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "different documents" in err and len(err.splitlines()) == 1
 
 
 def test_eval_reports_the_fusion_weights_of_a_moect_model(tiny_llama_dir, moect_llama_dir, heldout_files, tmp_path):
@@ -290,3 +310,95 @@ def test_eval_reports_the_fusion_weights_of_a_moect_model(tiny_llama_dir, moect_
     routing["ct"]["languages"]["hu"]["ffn_fusion_weight"][0] = 1.5
     (out / "routing.json").write_text(json.dumps(routing))
     assert check_report(out) == ["ct/hu: ffn_fusion_weight outside [0, 1]"]
+
+
+def test_bootstrap_resamples_documents_not_blocks():
+    """Eight documents of eight blocks each, the blocks of one document identical (as the blocks of one help page
+    are alike): resampling the 64 blocks as if independent gives a narrower interval than the data allow; the
+    evaluation's unit, the document, gives the wider one."""
+    from moelpr.evaluation.intervals import perplexity_interval
+
+    rng = np.random.default_rng(2)
+    per_document = rng.normal(3.0, 0.4, size=8)
+    block_nll, block_tokens = np.repeat(per_document, 8) * 256, np.full(64, 256)
+    document_nll, document_tokens = per_document * 256 * 8, np.full(8, 256 * 8)
+    blocks = perplexity_interval(block_nll, block_tokens)
+    documents = perplexity_interval(document_nll, document_tokens)
+    assert math.exp(per_document.mean()) == pytest.approx(math.exp(document_nll.sum() / document_tokens.sum()))
+    assert (documents[1] - documents[0]) > 2 * (blocks[1] - blocks[0])
+
+
+def test_packed_blocks_credit_each_token_to_its_document(tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    from moelpr.evaluation.perplexity import packed_blocks
+
+    texts = TEXTS["en"][:4]
+    blocks, owners = packed_blocks(tokenizer, texts, cutoff_len=48)
+    result = evaluate_language(model, blocks, batch_size=3, is_moe=False, token_documents=owners)
+    lengths = [len(tokenizer(t + tokenizer.eos_token, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert len(blocks) >= 2 and lengths[0] < 48 < lengths[0] + lengths[1]  # the second text spans two blocks
+    block_starts = set(range(0, sum(lengths), 48))  # a block's first token is not predicted
+    starts = np.cumsum([0] + lengths)
+    expected_tokens = [sum(1 for i in range(a, b) if i not in block_starts) for a, b in zip(starts[:-1], starts[1:])]
+    assert result.document_indices == [0, 1, 2, 3] and result.document_tokens == expected_tokens
+    assert math.fsum(result.document_nll) == pytest.approx(result.nll_sum, rel=1e-9)
+    # The first text opens the first block, so its loss is the model's on the text alone.
+    first = blocks[0][: lengths[0]]
+    with torch.no_grad():
+        loss = model(input_ids=torch.tensor([first]), labels=torch.tensor([first])).loss.item()
+    assert result.document_nll[0] == pytest.approx(loss * (lengths[0] - 1), rel=1e-4)
+
+
+def test_mean_over_languages_resamples_translated_pages_jointly():
+    """Two languages whose per-page changes are the same (the same pages, translated): the joint draw keeps them
+    together, so the mean's interval is that of one language, not the sqrt(2)-narrower one of independent draws."""
+    from moelpr.evaluation.intervals import change_interval, mean_change_interval
+
+    rng = np.random.default_rng(3)
+    pages = [f"text/page{i}.xhp" for i in range(40)]
+    tokens = np.full(40, 500)
+    base = rng.normal(3.0, 0.3, size=40) * tokens
+    other = base + tokens * rng.normal(0.02, 0.05, size=40)
+    language = ((base, tokens, pages), (other, tokens, pages))
+    one = change_interval(language[0], language[1], paired=True)
+    joint = mean_change_interval([language, language])
+    renamed = [f"hu/{p}" for p in pages]  # no page in common: drawn independently
+    independent = mean_change_interval([language, ((base, tokens, renamed), (other, tokens, renamed))])
+    assert joint[2] - joint[1] == pytest.approx(one[1] - one[0], rel=0.15)  # same width, up to bootstrap noise
+    assert (independent[2] - independent[1]) < 0.85 * (joint[2] - joint[1])
+
+
+@pytest.mark.parametrize("function", ["mean_change_interval", "gain_share_interval", "change_interval"])
+def test_comparing_models_on_different_documents_is_refused_in_one_line(function):
+    from moelpr.evaluation import intervals
+
+    tokens = [100] * 6
+    base = ([300.0, 310, 290, 305, 295, 300], tokens, [f"p{i}" for i in range(6)])
+    cut = (base[0][:5], tokens[:5], base[2][:5])  # one document fewer: pairing by position would mispair
+    call = {
+        "mean_change_interval": lambda: intervals.mean_change_interval([(base, base), (base, cut)]),
+        "gain_share_interval": lambda: intervals.gain_share_interval(base, base, cut),
+        "change_interval": lambda: intervals.change_interval(base, cut, paired=True),
+    }[function]
+    with pytest.raises(intervals.MismatchedDocuments) as error:
+        call()
+    assert "different documents" in str(error.value) and len(str(error.value).splitlines()) == 1
+
+
+def test_report_header_says_paired_only_when_the_models_saw_the_same_documents():
+    from moelpr.evaluation.report import _perplexity_markdown, _with_intervals
+
+    def cell(ids):
+        nll, tokens = [300.0 + 10 * i for i in range(len(ids))], [100] * len(ids)
+        return {"perplexity": math.exp(sum(nll) / sum(tokens)), "document_nll": nll, "document_tokens": tokens,
+                "document_ids": ids, "predicted_tokens": sum(tokens)}
+
+    settings = {"bootstrap": {"level": 0.95}, "cutoff_len": 256, "dtype": "float32"}
+    same, other = ["a", "b", "c", "d"], ["a", "b", "c", "e"]
+    for ids, header in ((same, "paired over the same documents]"), (other, "resampled independently")):
+        results = {name: {"languages": {"hu": cell(doc_ids)}, "eval_tokens_per_second": 1.0}
+                   for name, doc_ids in (("base", same), ("model", ids))}
+        _with_intervals(results, ["hu"])
+        assert results["model"]["languages"]["hu"]["change_vs_baseline"]["paired"] == (ids == same)
+        assert header in _perplexity_markdown(results, ["hu"], set(), settings)

@@ -89,8 +89,9 @@ def task_dir(tmp_path_factory) -> Path:
     return tasks
 
 
-def run_lm_eval(model_dir: Path, tasks: list[str], task_dir: Path, out: Path) -> dict:
-    """Run the `lm_eval` command line on ``model_dir`` offline, with samples logged under ``out``; its results."""
+def run_lm_eval(model_dir: Path, tasks: list[str], task_dir: Path, out: Path, extra: tuple[str, ...] = ()) -> dict:
+    """Run the `lm_eval` command line on ``model_dir`` offline, with samples logged under ``out``; its results.
+    ``extra``: more command-line arguments."""
     assert LM_EVAL, "lm_eval is not installed: pip install -r requirements.txt"
     command = [
         LM_EVAL,
@@ -102,6 +103,7 @@ def run_lm_eval(model_dir: Path, tasks: list[str], task_dir: Path, out: Path) ->
         "--batch_size", "8",
         "--output_path", str(out),
         "--log_samples",
+        *extra,
     ]  # fmt: skip
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(out / "datasets")}
     run = subprocess.run(command, check=False, capture_output=True, text=True, env={**os.environ, **offline})

@@ -36,6 +36,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_train_chars", type=int, default=None, help="cap on the train text per corpus")
     parser.add_argument("--max_heldout_chars", type=int, default=None, help="cap on the held-out text per corpus")
     parser.add_argument("--workers", type=int, default=None, help="processes for parsing (default: all cores)")
+    parser.add_argument("--lm_eval_tasks", action="store_true",
+                        help="also write lm-eval tasks from the held-out help pages (completion and translation per "
+                             "language) to OUTPUT_DIR/lm_eval_tasks, for `moelpr bench --helppage_tasks`; needs --old en")
     args = parser.parse_args(argv)
     overlap = sorted(set(args.unseen) & set(args.new + args.old))
     if overlap:
@@ -47,6 +50,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.lm_eval_tasks and "en" not in args.old:
+        print("error: --lm_eval_tasks translates from and to English: add en to --old", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="[moelpr.corpora] %(message)s")
     specs = [help_corpus(code, "new") for code in args.new] + [help_corpus(code, "old") for code in args.old]
     specs += [help_corpus(code, UNSEEN) for code in args.unseen]
@@ -58,6 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CorpusError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if args.lm_eval_tasks:
+        from .tasks import TASKS_DIR, write_helppage_tasks
+
+        counts = write_helppage_tasks(args.output_dir, [*args.new, *args.old])
+        print(f"{len(counts)} lm-eval tasks in {args.output_dir / TASKS_DIR}: "
+              + ", ".join(f"{name} ({entry['items']})" for name, entry in counts.items()))
     print(f"Corpora and dataset_info.json are in {args.output_dir}")
     return 0
 

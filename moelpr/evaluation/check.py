@@ -63,6 +63,12 @@ def check_report(report_dir: Path, models: Sequence[str] = (), languages: Sequen
                 and sum(result.get("block_tokens", [])) == tokens
             ):
                 problems.append(f"{name}/{lang}: the blocks do not add up to nll_sum and predicted_tokens")
+            elif not (
+                math.isclose(math.fsum(result.get("document_nll", [])), result["nll_sum"], rel_tol=1e-9)
+                and sum(result.get("document_tokens", [])) == tokens
+                and len(result.get("document_ids", [])) == len(result["document_nll"])
+            ):
+                problems.append(f"{name}/{lang}: the documents do not add up to nll_sum and predicted_tokens")
             elif not result.get("interval", [math.inf])[0] <= ppl <= result.get("interval", [0, -math.inf])[-1]:
                 problems.append(f"{name}/{lang}: interval {result.get('interval')} does not contain the perplexity")
 

@@ -9,7 +9,11 @@ stages and their console logs (LLaMA-Factory logs ``trainable params: N || all p
 
     {"base": "base", "reference": "full_ft",
      "methods": [{"name": "moelpr", "label": "MoE-LPR", "runs": ["saves/stage1", "saves/stage2"],
-                  "logs": ["logs/stage1.log", "logs/stage2.log"]}, ...]}
+                  "logs": ["logs/stage1.log", "logs/stage2.log"], "seeds": ["moelpr_seed2", "moelpr_seed3"]}, ...]}
+
+``seeds`` (optional) names the models of the same method trained again with other seeds: the table then shows the
+spread of the mean changes over all of the method's seeds beside the first seed's interval, since an interval over
+held-out documents says nothing about the randomness of training.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 
 from ..checkpoints.streaming import CheckpointReader
 from ..models.moe import NEW_EXPERTS_NAME, ORIGINAL_EXPERT_NAME
-from .intervals import change_interval, gain_share_interval, mean_change_interval
+from .intervals import change_interval, document_units, gain_share_interval, mean_change_interval
 
 TRAINABLE_LINE = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)")
 _EXPERT_TENSOR = re.compile(rf"\.layers\.(\d+)\..*\.({ORIGINAL_EXPERT_NAME}|{NEW_EXPERTS_NAME}\.\d+)\.")
@@ -94,32 +98,30 @@ def training_seconds(runs: Sequence[Path]) -> tuple[float, int]:
     return seconds, steps
 
 
-def _blocks(cell: dict) -> tuple[list[float], list[int]]:
-    return cell["block_nll"], cell["block_tokens"]
-
-
 def compare(eval_dir: Path, methods_file: Path) -> dict:
     """Every figure of the comparison, per method (see the module docstring)."""
     report = json.loads((eval_dir / "perplexity.json").read_text())
     spec = json.loads(methods_file.read_text())
     models, languages = report["models"], report["languages"]
     base_name, reference_name = spec["base"], spec["reference"]
-    for name in (base_name, reference_name, *(m["name"] for m in spec["methods"])):
+    seed_models = [n for m in spec["methods"] for n in [m["name"], *m.get("seeds", [])]]
+    for name in (base_name, reference_name, *seed_models):
         if name not in models:
             raise ComparisonError(f"model {name!r} is not in {eval_dir}/perplexity.json")
     new = [lang for lang, role in languages.items() if role == "new"]
     old = [lang for lang, role in languages.items() if role == "old"]
     base = models[base_name]["languages"]
     reference = models[reference_name]["languages"]
+    base_units = {lang: document_units(base[lang]) for lang in languages}
     rows = []
     for entry in spec["methods"]:
         method = MethodSpec(entry["name"], entry.get("label", entry["name"]), [Path(p) for p in entry["runs"]],
                             [Path(p) for p in entry["logs"]])
         cells = models[method.name]["languages"]
+        units = {lang: document_units(cells[lang]) for lang in languages}
         per_language = {}
         for lang in languages:
-            paired = cells[lang]["blocks_digest"] == base[lang]["blocks_digest"]
-            low, high = change_interval(_blocks(base[lang]), _blocks(cells[lang]), paired)
+            low, high = change_interval(base_units[lang], units[lang], paired=True)
             per_language[lang] = {
                 "perplexity": cells[lang]["perplexity"],
                 "interval": cells[lang]["interval"],
@@ -128,22 +130,31 @@ def compare(eval_dir: Path, methods_file: Path) -> dict:
             }
             if lang in new:
                 per_language[lang]["gain_share"] = list(
-                    gain_share_interval(_blocks(base[lang]), _blocks(reference[lang]), _blocks(cells[lang]))
+                    gain_share_interval(base_units[lang], document_units(reference[lang]), units[lang])
                 )
+        seed_changes = {}
+        for seed_name in [method.name, *entry.get("seeds", [])]:
+            seed_cells = models[seed_name]["languages"]
+            seed_changes[seed_name] = {
+                group: mean_change_interval([(base_units[lang], document_units(seed_cells[lang]))
+                                             for lang in langs])[0]
+                for group, langs in (("new", new), ("old", old))
+            }
         seconds, steps = training_seconds(method.runs)
         total, active = parameter_counts(Path(models[method.name]["path"]))
         rows.append({
             "name": method.name,
             "label": method.label,
             "languages": per_language,
-            "new_mean_change": list(mean_change_interval([(_blocks(base[lang]), _blocks(cells[lang])) for lang in new])),
-            "old_mean_change": list(mean_change_interval([(_blocks(base[lang]), _blocks(cells[lang])) for lang in old])),
+            "new_mean_change": list(mean_change_interval([(base_units[lang], units[lang]) for lang in new])),
+            "old_mean_change": list(mean_change_interval([(base_units[lang], units[lang]) for lang in old])),
             "trainable_params": trainable_parameters(method.logs),
             "total_params": total,
             "active_params": active,
             "train_seconds": seconds,
             "train_steps": steps,
             "eval_tokens_per_second": models[method.name]["eval_tokens_per_second"],
+            "seeds": seed_changes,  # mean new- and old-language change of each seed's model
         })
     base_total, _ = parameter_counts(Path(models[base_name]["path"]))
     return {"base": base_name, "reference": reference_name, "new": new, "old": old, "base_params": base_total,
@@ -167,7 +178,7 @@ def markdown(result: dict) -> str:
     lines = [
         "# Methods compared on the same data and token budget",
         "",
-        f"Held-out perplexity (lower is better) [{level}% bootstrap interval over the held-out blocks]; the base "
+        f"Held-out perplexity (lower is better) [{level}% bootstrap interval over the held-out documents]; the base "
         f"model `{result['base']}`: " + ", ".join(f"{lang} {ppl:.2f}" for lang, ppl in result["base_perplexity"].items())
         + ".",
         "",
@@ -180,7 +191,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Change against the base model [{level}% paired interval; `*`: the interval excludes 0], and the share of "
+        f"Change against the base model [{level}% interval, paired over the same documents; `*`: the interval "
+        "excludes 0], and the share of "
         f"`{result['reference']}`'s log-perplexity gain kept on each new language:",
         "",
         "| " + " | ".join(["method", *(f"{lang} change" for lang in (*new, *old)),
@@ -192,6 +204,21 @@ def markdown(result: dict) -> str:
                    for lang in (*new, *old)]
         kept = ["{:.0%} [{:.0%}, {:.0%}]".format(*row["languages"][lang]["gain_share"]) for lang in new]
         lines.append(f"| {row['label']} | " + " | ".join(changes + kept) + " |")
+    if any(len(row["seeds"]) > 1 for row in result["methods"]):
+        lines += [
+            "",
+            "Training randomness: the mean changes of every seed's model (the first is the one above); a difference "
+            "is real only when it holds across seeds and its interval excludes 0:",
+            "",
+            "| method | seeds | mean new-language change per seed | mean old-language change per seed |",
+            "|---|---:|---|---|",
+        ]
+        for row in result["methods"]:
+            runs = list(row["seeds"].values())
+            lines.append(f"| {row['label']} | {len(runs)} | " + " | ".join(
+                ", ".join(f"{100 * run[group]:+.1f}%" for run in runs)
+                + f" (spread {100 * (max(r[group] for r in runs) - min(r[group] for r in runs)):.1f} points)"
+                for group in ("new", "old")) + " |")
     lines += [
         "",
         "| method | mean new-language change | mean old-language change | trainable | total | active per token "
@@ -248,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = compare(args.eval_dir, args.methods)
-    except (ComparisonError, OSError, KeyError, json.JSONDecodeError) as error:
+    except (ValueError, OSError, KeyError, json.JSONDecodeError) as error:
         print(f"comparison: error: {error}", file=sys.stderr)
         return 2
     args.output_dir.mkdir(parents=True, exist_ok=True)

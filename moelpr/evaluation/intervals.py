@@ -1,16 +1,21 @@
-"""Bootstrap intervals for held-out perplexity, resampling the evaluated blocks.
+"""Bootstrap intervals for held-out perplexity, resampling the evaluated documents.
 
 A perplexity over a few thousand tokens moves by several percent with the choice of text, so every figure of the
-report carries a percentile-bootstrap interval: the held-out blocks (``cutoff_len`` tokens each) are drawn with
-replacement and the token-weighted perplexity recomputed. A change between two models evaluated on the same
-blocks (same tokenizer, same held-out text) is resampled *paired*, the same draw for both models, which is what
-decides whether the difference is larger than the noise of the text sample; models tokenizing differently are
-resampled independently.
+report carries a percentile-bootstrap interval: the held-out documents (help pages) are drawn with replacement and
+the token-weighted perplexity recomputed. The unit is the document, not the fixed token block the model reads:
+blocks of one page are alike (one topic, one vocabulary), so resampling blocks would count a page of ten blocks as
+ten independent observations and give intervals narrower than the text allows.
+
+Every sample is ``(nll, tokens, ids)`` per document. Models evaluated on the same documents are resampled *paired*
+(the same draw for all), which is what decides whether a difference is larger than the noise of the text; the
+functions that compare models refuse samples over different documents instead of pairing them wrongly. A mean over
+languages resamples documents *jointly*: one draw over all document ids, a page drawn in every language that holds
+it, since the held-out help pages are translations of one another and their difficulty moves together.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -18,20 +23,52 @@ DEFAULT_SAMPLES = 2000
 DEFAULT_LEVEL = 0.95
 DEFAULT_SEED = 0
 
+# (nll, predicted tokens) per document, and optionally the documents' ids (needed to check pairing and to resample
+# languages jointly; without them, units are told apart by position only).
+Units = tuple[Sequence[float], Sequence[int]] | tuple[Sequence[float], Sequence[int], Sequence[str]]
 
-def _draws(num_blocks: int, samples: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, num_blocks, size=(samples, num_blocks))
+
+class MismatchedDocuments(ValueError):
+    """Two models' samples compared as paired cover different documents."""
 
 
-def _log_perplexities(nll: Sequence[float], tokens: Sequence[int], draws: np.ndarray) -> np.ndarray:
-    nll_array, token_array = np.asarray(nll, dtype=np.float64), np.asarray(tokens, dtype=np.float64)
-    return nll_array[draws].sum(axis=1) / token_array[draws].sum(axis=1)
+def _ids(units: Units) -> list[str]:
+    return [str(i) for i in units[2]] if len(units) > 2 else [str(i) for i in range(len(units[0]))]
+
+
+def _counts(num_units: int, samples: int, seed: int) -> np.ndarray:
+    """How often each unit is drawn in each bootstrap sample: ``[samples, num_units]``."""
+    draws = np.random.default_rng(seed).integers(0, num_units, size=(samples, num_units))
+    counts = np.zeros((samples, num_units))
+    np.add.at(counts, (np.arange(samples)[:, None], draws), 1)
+    return counts
+
+
+def _log_perplexities(units: Units, counts: np.ndarray) -> np.ndarray:
+    nll, tokens = np.asarray(units[0], dtype=np.float64), np.asarray(units[1], dtype=np.float64)
+    return (counts @ nll) / (counts @ tokens)
+
+
+def _log_perplexity(units: Units) -> float:
+    return float(np.sum(units[0]) / np.sum(units[1]))
 
 
 def _bounds(values: np.ndarray, level: float) -> tuple[float, float]:
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def require_same_documents(*samples: Units, what: str = "models") -> None:
+    """One-line refusal when samples meant to be paired were evaluated on different documents."""
+    first = _ids(samples[0])
+    for other in samples[1:]:
+        ids = _ids(other)
+        if ids != first:
+            raise MismatchedDocuments(
+                f"the {what} were evaluated on different documents ({len(first)} vs {len(ids)}, "
+                f"{len(set(first) ^ set(ids))} not in both): evaluate them on the same held-out texts and tokenizer"
+            )
 
 
 def perplexity_interval(
@@ -41,71 +78,86 @@ def perplexity_interval(
     level: float = DEFAULT_LEVEL,
     seed: int = DEFAULT_SEED,
 ) -> tuple[float, float]:
-    """``level`` bootstrap interval of ``exp(sum nll / sum tokens)`` over the blocks."""
-    log_ppl = _log_perplexities(nll, tokens, _draws(len(nll), samples, seed))
+    """``level`` bootstrap interval of ``exp(sum nll / sum tokens)`` over the units (documents)."""
+    log_ppl = _log_perplexities((nll, tokens), _counts(len(nll), samples, seed))
     low, high = _bounds(log_ppl, level)
     return float(np.exp(low)), float(np.exp(high))
 
 
 def change_interval(
-    base: tuple[Sequence[float], Sequence[int]],
-    other: tuple[Sequence[float], Sequence[int]],
+    base: Units,
+    other: Units,
     paired: bool,
     samples: int = DEFAULT_SAMPLES,
     level: float = DEFAULT_LEVEL,
     seed: int = DEFAULT_SEED,
 ) -> tuple[float, float]:
-    """``level`` bootstrap interval of the relative change ``ppl(other) / ppl(base) - 1``; ``(nll, tokens)`` per block.
+    """``level`` bootstrap interval of the relative change ``ppl(other) / ppl(base) - 1``.
 
-    ``paired``: both were evaluated on the same blocks, so each draw takes the same blocks from both.
+    ``paired``: both were evaluated on the same documents (checked), so each draw takes the same documents from
+    both; otherwise each is resampled on its own.
     """
-    base_draws = _draws(len(base[0]), samples, seed)
-    other_draws = base_draws if paired else _draws(len(other[0]), samples, seed + 1)
-    log_ratio = _log_perplexities(*other, other_draws) - _log_perplexities(*base, base_draws)
+    if paired:
+        require_same_documents(base, other)
+    base_counts = _counts(len(base[0]), samples, seed)
+    other_counts = base_counts if paired else _counts(len(other[0]), samples, seed + 1)
+    log_ratio = _log_perplexities(other, other_counts) - _log_perplexities(base, base_counts)
     low, high = _bounds(log_ratio, level)
     return float(np.expm1(low)), float(np.expm1(high))
 
 
-Blocks = tuple[Sequence[float], Sequence[int]]  # (nll, predicted tokens) per block
+def joint_counts(per_language: Sequence[Units], samples: int, seed: int) -> list[np.ndarray]:
+    """One bootstrap draw over the union of the languages' document ids, as counts per language's documents: a page
+    held out in several languages (the same page translated) is drawn, or not, in all of them at once."""
+    ids = [_ids(units) for units in per_language]
+    union = sorted(set().union(*ids))
+    column = {doc_id: index for index, doc_id in enumerate(union)}
+    counts = _counts(len(union), samples, seed)
+    return [counts[:, [column[doc_id] for doc_id in language_ids]] for language_ids in ids]
 
 
 def mean_change_interval(
-    pairs: Sequence[tuple[Blocks, Blocks]],
+    pairs: Sequence[tuple[Units, Units]],
     samples: int = DEFAULT_SAMPLES,
     level: float = DEFAULT_LEVEL,
     seed: int = DEFAULT_SEED,
 ) -> tuple[float, float, float]:
     """Mean over languages of the relative change ``ppl(other) / ppl(base) - 1``, with its interval; one
-    ``(base, other)`` pair of blocks per language, each evaluated on the same blocks (paired draws), languages
-    drawn independently. Returns ``(mean, low, high)``."""
-    changes = []
+    ``(base, other)`` pair per language, both on the same documents (checked), documents drawn jointly across
+    languages by id. Returns ``(mean, low, high)``."""
     for index, (base, other) in enumerate(pairs):
-        draws = _draws(len(base[0]), samples, seed + index)
-        drawn = np.expm1(_log_perplexities(*other, draws) - _log_perplexities(*base, draws))
-        changes.append(np.append(drawn, np.expm1(_log_perplexity(*other) - _log_perplexity(*base))))  # point last
-    stacked = np.mean(changes, axis=0)
-    low, high = _bounds(stacked[:-1], level)
-    return float(stacked[-1]), low, high
+        require_same_documents(base, other, what=f"models of language #{index + 1}")
+    counts = joint_counts([base for base, _ in pairs], samples, seed)
+    drawn = [np.expm1(_log_perplexities(other, c) - _log_perplexities(base, c))
+             for (base, other), c in zip(pairs, counts)]
+    point = np.mean([np.expm1(_log_perplexity(other) - _log_perplexity(base)) for base, other in pairs])
+    low, high = _bounds(np.mean(drawn, axis=0), level)
+    return float(point), low, high
 
 
 def gain_share_interval(
-    base: Blocks,
-    reference: Blocks,
-    other: Blocks,
+    base: Units,
+    reference: Units,
+    other: Units,
     samples: int = DEFAULT_SAMPLES,
     level: float = DEFAULT_LEVEL,
     seed: int = DEFAULT_SEED,
 ) -> tuple[float, float, float]:
     """Share of ``reference``'s log-perplexity gain over ``base`` that ``other`` achieves,
-    ``(log ppl_base - log ppl_other) / (log ppl_base - log ppl_reference)``, with its interval; all three evaluated
-    on the same blocks (one draw for all). Returns ``(share, low, high)``."""
-    draws = _draws(len(base[0]), samples, seed)
-    base_log = _log_perplexities(*base, draws)
-    shares = (base_log - _log_perplexities(*other, draws)) / (base_log - _log_perplexities(*reference, draws))
-    point = (_log_perplexity(*base) - _log_perplexity(*other)) / (_log_perplexity(*base) - _log_perplexity(*reference))
+    ``(log ppl_base - log ppl_other) / (log ppl_base - log ppl_reference)``, with its interval; all three on the
+    same documents (checked; one draw for all). Returns ``(share, low, high)``."""
+    require_same_documents(base, reference, other)
+    counts = _counts(len(base[0]), samples, seed)
+    base_log = _log_perplexities(base, counts)
+    shares = (base_log - _log_perplexities(other, counts)) / (base_log - _log_perplexities(reference, counts))
+    point = (_log_perplexity(base) - _log_perplexity(other)) / (_log_perplexity(base) - _log_perplexity(reference))
     low, high = _bounds(shares, level)
     return float(point), low, high
 
 
-def _log_perplexity(nll: Sequence[float], tokens: Sequence[int]) -> float:
-    return float(np.sum(nll) / np.sum(tokens))
+def document_units(cell: Mapping) -> tuple[list[float], list[int], list[str]]:
+    """``(nll, tokens, ids)`` per document of a report cell, the unit the intervals resample."""
+    if "document_nll" not in cell:
+        raise ValueError("the report has no per-document losses (written before intervals resampled documents): "
+                         "re-run moelpr eval")
+    return cell["document_nll"], cell["document_tokens"], cell["document_ids"]

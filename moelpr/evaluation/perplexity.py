@@ -13,26 +13,41 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
-def token_blocks(tokenizer, texts: Sequence[str], cutoff_len: int, max_tokens: int | None = None) -> list[list[int]]:
+def packed_blocks(
+    tokenizer, texts: Sequence[str], cutoff_len: int, max_tokens: int | None = None
+) -> tuple[list[list[int]], list[list[int]]]:
     """Held-out texts as LLaMA-Factory packs pre-training data: each text followed by the tokenizer's eos,
     all concatenated and cut into blocks of ``cutoff_len`` tokens, so perplexity is measured on inputs
     shaped like the training inputs. ``max_tokens`` keeps the first tokens of the stream; the last,
     shorter block is kept (LLaMA-Factory drops it) so that small held-out sets lose nothing.
+
+    Also returns, per block, the index in ``texts`` of each token's text: a block cuts across texts, and the
+    bootstrap resamples texts (documents), so each predicted token's loss is credited to its own document.
     """
     if cutoff_len < 2:
         raise ValueError("cutoff_len must be at least 2 (one token to condition on, one to predict)")
     eos = tokenizer.eos_token or ""
     stream: list[int] = []
-    for text in texts:
-        stream.extend(tokenizer(text + eos, add_special_tokens=False)["input_ids"])
+    owners: list[int] = []
+    for index, text in enumerate(texts):
+        ids = tokenizer(text + eos, add_special_tokens=False)["input_ids"]
+        stream.extend(ids)
+        owners.extend([index] * len(ids))
         if max_tokens is not None and len(stream) >= max_tokens:
-            del stream[max_tokens:]
+            del stream[max_tokens:], owners[max_tokens:]
             break
     blocks = [stream[i : i + cutoff_len] for i in range(0, len(stream), cutoff_len)]
+    documents = [owners[i : i + cutoff_len] for i in range(0, len(owners), cutoff_len)]
     if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
         for block in blocks:
             block[0] = tokenizer.bos_token_id  # what LLaMA-Factory does to packed blocks
-    return [block for block in blocks if len(block) >= 2]
+    kept = [index for index, block in enumerate(blocks) if len(block) >= 2]
+    return [blocks[index] for index in kept], [documents[index] for index in kept]
+
+
+def token_blocks(tokenizer, texts: Sequence[str], cutoff_len: int, max_tokens: int | None = None) -> list[list[int]]:
+    """The blocks of :func:`packed_blocks` alone."""
+    return packed_blocks(tokenizer, texts, cutoff_len, max_tokens)[0]
 
 
 @dataclass
@@ -79,12 +94,16 @@ class RoutingTotals:
 
 @dataclass
 class LanguageResult:
-    """Negative log-likelihood per held-out block (the unit the intervals resample) and the routing totals."""
+    """Negative log-likelihood per held-out block and per document (the unit the intervals resample), and the
+    routing totals."""
 
     block_nll: list[float]
     block_tokens: list[int]  # predicted tokens per block
     routing: RoutingTotals | None
     blocks_digest: str = ""  # identifies the token blocks, so models compared on the same blocks pair up
+    document_nll: list[float] = field(default_factory=list)  # per document with a predicted token, in text order
+    document_tokens: list[int] = field(default_factory=list)
+    document_indices: list[int] = field(default_factory=list)  # their indices in the evaluated texts
 
     @property
     def nll_sum(self) -> float:
@@ -105,9 +124,15 @@ def blocks_digest(blocks: Sequence[Sequence[int]]) -> str:
 
 @torch.inference_mode()
 def evaluate_language(
-    model: torch.nn.Module, blocks: Sequence[Sequence[int]], batch_size: int, is_moe: bool, desc: str = ""
+    model: torch.nn.Module,
+    blocks: Sequence[Sequence[int]],
+    batch_size: int,
+    is_moe: bool,
+    desc: str = "",
+    token_documents: Sequence[Sequence[int]] | None = None,
 ) -> LanguageResult:
-    """Next-token negative log-likelihood of each of ``blocks`` (and router totals for MoE models).
+    """Next-token negative log-likelihood of each of ``blocks`` (and router totals for MoE models); with
+    ``token_documents`` (:func:`packed_blocks`), also per document, each predicted token counted in its own.
 
     Blocks of equal length are batched without padding; only the last block of a language can be
     shorter, and it runs alone.
@@ -124,6 +149,8 @@ def evaluate_language(
 
     block_nll: list[float] = []
     block_tokens: list[int] = []
+    document_totals: dict[int, list[float]] = {}  # document index -> [nll, predicted tokens]
+    done = 0
     routing = RoutingTotals() if is_moe else None
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
         input_ids = torch.tensor(batch, dtype=torch.long, device=device)
@@ -134,6 +161,17 @@ def evaluate_language(
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         block_nll += nll.reshape(targets.shape).double().sum(dim=1).tolist()
         block_tokens += [targets.shape[1]] * targets.shape[0]
+        if token_documents is not None:
+            for row, token_nll in enumerate(nll.reshape(targets.shape).double().tolist()):
+                for owner, value in zip(token_documents[done + row][1:], token_nll):
+                    totals = document_totals.setdefault(owner, [0.0, 0])
+                    totals[0] += value
+                    totals[1] += 1
+        done += len(batch)
         if routing is not None:
             routing.add(outputs.router_logits, outputs.ffn_fusion_weights)
-    return LanguageResult(block_nll, block_tokens, routing, blocks_digest(blocks))
+    indices = sorted(document_totals)
+    return LanguageResult(
+        block_nll, block_tokens, routing, blocks_digest(blocks), [document_totals[i][0] for i in indices],
+        [int(document_totals[i][1]) for i in indices], indices,
+    )

@@ -14,8 +14,8 @@ import torch
 from ..corpora.jsonl_texts import iter_jsonl_texts
 from ..models.configuration import CT, LPR
 from ..tokenization import restore_add_bos_token
-from .intervals import DEFAULT_LEVEL, DEFAULT_SAMPLES, change_interval, perplexity_interval
-from .perplexity import LanguageResult, evaluate_language, token_blocks
+from .intervals import DEFAULT_LEVEL, DEFAULT_SAMPLES, change_interval, document_units, perplexity_interval
+from .perplexity import LanguageResult, evaluate_language, packed_blocks
 from .plots import loss_curves, routing_heatmap
 
 logger = logging.getLogger(__name__)
@@ -24,6 +24,17 @@ logger = logging.getLogger(__name__)
 def read_texts(path: Path, text_field: str = "text") -> list[str]:
     """The ``text_field`` of every line of a jsonl file."""
     return list(iter_jsonl_texts(path, text_field))
+
+
+def read_document_ids(path: Path) -> list[str]:
+    """Each non-empty line's ``id`` (``moelpr corpora`` writes the help page's path, the same in every language),
+    or ``FILE#LINE`` where a line has none."""
+    ids = []
+    with Path(path).open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                ids.append(str(json.loads(line).get("id", f"{Path(path).name}#{number}")))
+    return ids
 
 
 def load_model(path: Path, dtype: torch.dtype):
@@ -52,19 +63,17 @@ def moe_layer_indices(config) -> list[int]:
 
 def _with_intervals(results: Mapping[str, dict], languages: Sequence[str]) -> None:
     """Add to every cell its perplexity interval and, for every model after the first (the baseline), the change
-    against the baseline with its interval (paired where both saw the same blocks)."""
+    against the baseline with its interval (paired where both saw the same documents)."""
     baseline = next(iter(results))
     for name, report in results.items():
         for lang in languages:
             cell = report["languages"][lang]
-            cell["interval"] = list(perplexity_interval(cell["block_nll"], cell["block_tokens"]))
+            cell["interval"] = list(perplexity_interval(cell["document_nll"], cell["document_tokens"]))
             if name == baseline:
                 continue
             base = results[baseline]["languages"][lang]
-            paired = cell["blocks_digest"] == base["blocks_digest"]
-            interval = change_interval(
-                (base["block_nll"], base["block_tokens"]), (cell["block_nll"], cell["block_tokens"]), paired
-            )
+            paired = cell["document_ids"] == base["document_ids"]
+            interval = change_interval(document_units(base), document_units(cell), paired)
             cell["change_vs_baseline"] = {
                 "value": cell["perplexity"] / base["perplexity"] - 1,
                 "interval": list(interval),
@@ -103,7 +112,7 @@ def _perplexity_markdown(results: Mapping[str, Mapping], languages: Sequence[str
     lines = [
         "# Held-out perplexity (token-weighted, lower is better)",
         "",
-        f"Each cell: perplexity [{level}% bootstrap interval over the held-out blocks].",
+        f"Each cell: perplexity [{level}% bootstrap interval over the held-out documents].",
         "",
         "| model | " + " | ".join(header) + " |",
         "|---|" + "---:|" * len(languages),
@@ -117,10 +126,14 @@ def _perplexity_markdown(results: Mapping[str, Mapping], languages: Sequence[str
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     baseline = next(iter(results))
     if len(results) > 1:
+        paired = [report["languages"][lang]["change_vs_baseline"]["paired"]
+                  for report in list(results.values())[1:] for lang in languages]
+        how = ("paired over the same documents" if all(paired) else
+               "models resampled independently: they saw different documents" if not any(paired) else
+               "paired over the same documents, except the cells marked `(unpaired)`: different documents")
         lines += [
             "",
-            f"Change relative to `{baseline}` [{level}% interval, paired over the same blocks]; `*` where the interval "
-            "excludes 0:",
+            f"Change relative to `{baseline}` [{level}% interval, {how}]; `*` where the interval excludes 0:",
             "",
             "| model | " + " | ".join(header) + " |",
             "|---|" + "---:|" * len(languages),
@@ -131,7 +144,8 @@ def _perplexity_markdown(results: Mapping[str, Mapping], languages: Sequence[str
                 change = report["languages"][lang]["change_vs_baseline"]
                 low, high = change["interval"]
                 mark = "*" if low > 0 or high < 0 else ""
-                cells.append(f"{100 * change['value']:+.1f}%{mark} [{100 * low:+.1f}, {100 * high:+.1f}]")
+                unpaired = "" if change["paired"] or not any(paired) else " (unpaired)"
+                cells.append(f"{100 * change['value']:+.1f}%{mark} [{100 * low:+.1f}, {100 * high:+.1f}]{unpaired}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     tokens = ", ".join(f"{lang}: {results[baseline]['languages'][lang]['predicted_tokens']}" for lang in languages)
     speed = ", ".join(f"{name}: {report['eval_tokens_per_second']:.0f}" for name, report in results.items())
@@ -164,12 +178,13 @@ def evaluate(
     ``loss_curves.{png,json}``. Returns the perplexity report."""
     output_dir.mkdir(parents=True, exist_ok=True)
     texts = {lang: read_texts(path, text_field) for lang, path in heldout.items()}
+    ids = {lang: read_document_ids(path) for lang, path in heldout.items()}
     languages = list(heldout)
     settings = {
         "cutoff_len": cutoff_len,
         "max_tokens": max_tokens,
         "dtype": str(dtype).removeprefix("torch."),
-        "bootstrap": {"unit": f"blocks of {cutoff_len} tokens", "samples": DEFAULT_SAMPLES, "level": DEFAULT_LEVEL},
+        "bootstrap": {"unit": "held-out documents", "samples": DEFAULT_SAMPLES, "level": DEFAULT_LEVEL},
     }
     results: dict[str, dict] = {}
     routing: dict[str, dict] = {}
@@ -180,9 +195,9 @@ def evaluate(
         per_language: dict[str, LanguageResult] = {}
         compute_seconds = 0.0
         for lang in languages:
-            blocks = token_blocks(tokenizer, texts[lang], cutoff_len, max_tokens)
+            blocks, owners = packed_blocks(tokenizer, texts[lang], cutoff_len, max_tokens)
             lang_start = time.perf_counter()
-            per_language[lang] = evaluate_language(model, blocks, batch_size, moe, desc=f"{name} / {lang}")
+            per_language[lang] = evaluate_language(model, blocks, batch_size, moe, f"{name} / {lang}", owners)
             compute_seconds += time.perf_counter() - lang_start
             logger.info("%s / %s: perplexity %.2f over %d tokens", name, lang, per_language[lang].perplexity, per_language[lang].predicted_tokens)
         results[name] = {
@@ -197,6 +212,9 @@ def evaluate(
                     "block_nll": r.block_nll,
                     "block_tokens": r.block_tokens,
                     "blocks_digest": r.blocks_digest,
+                    "document_nll": r.document_nll,
+                    "document_tokens": r.document_tokens,
+                    "document_ids": [ids[lang][index] for index in r.document_indices],
                 }
                 for lang, r in per_language.items()
             },
