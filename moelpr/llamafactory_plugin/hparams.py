@@ -72,6 +72,17 @@ class MoELPRFinetuningArguments(FinetuningArguments):
         },
     )
 
+    moelpr_save_full: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Save whole checkpoints (every tensor of the model) in the output and every `checkpoint-N`. Default: "
+                "slim ones, holding the tensors this stage trains and a reference to `model_name_or_path` "
+                "(docs/checkpoints.md); every tool loads both alike."
+            )
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.finetuning_type != MOELPR:
             moelpr_keys = ("moelpr_method", "moelpr_stage", "aux_loss_coef", "lpr_loss_coef", "moect_train_embeddings")
