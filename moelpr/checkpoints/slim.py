@@ -148,7 +148,7 @@ def resolve_base(slim_dir: str | os.PathLike, reference: Reference | None = None
     (outputs moved together), then the absolute one, then a Hub id. One-line errors name the path."""
     slim_dir = Path(slim_dir)
     reference = reference or read_reference(slim_dir)
-    candidates = [] if Path(reference.base).is_absolute() else [slim_dir / reference.base]
+    candidates = [] if Path(reference.base).is_absolute() else [Path(os.path.normpath(slim_dir / reference.base))]
     candidates += [Path(reference.base_absolute)] if reference.base_absolute else []
     base_dir = next((path for path in candidates if path.is_dir()), None) or _hub_snapshot(reference.base)
     if base_dir is None:
