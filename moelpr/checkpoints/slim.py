@@ -160,13 +160,26 @@ def resolve_base(slim_dir: str | os.PathLike, reference: Reference | None = None
     try:
         found = fingerprint(base_dir)
     except CheckpointError as error:
-        raise SlimCheckpointError(f"slim checkpoint {slim_dir} refers to {base_dir}, whose weights fail: {error}") from None
+        raise SlimCheckpointError(f"slim checkpoint {slim_dir} refers to {base_dir}, unreadable: {error}") from None
     if found != reference.fingerprint:
         raise SlimCheckpointError(
             f"slim checkpoint {slim_dir} refers to {base_dir}, whose tensors changed since it was written "
             f"(fingerprint {found[:19]}... is not the recorded {reference.fingerprint[:19]}...)"
         )
     return base_dir
+
+
+class _CopyOnRead:
+    """A safetensors slice whose reads are copies."""
+
+    def __init__(self, tensor_slice: Any) -> None:
+        self._slice = tensor_slice
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self._slice[index].clone()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._slice, name)
 
 
 @dataclass(frozen=True)
@@ -230,7 +243,8 @@ class ComposedCheckpoint:
         try:
             steps = plan_upcycling(dense, config, model_class)
         except UpcyclingError as error:
-            raise SlimCheckpointError(f"slim checkpoint {slim_dir}: its dense base {dense_dir} does not fit: {error}") from None
+            message = f"slim checkpoint {slim_dir}: its dense base {dense_dir} does not fit: {error}"
+            raise SlimCheckpointError(message) from None
         sources: dict[str, _Source] = {}
         for step in steps:
             if step.layer is None:
@@ -267,11 +281,15 @@ class ComposedCheckpoint:
 
         handles: dict[Path, Any] = {}
         state_dict = {}
+        read: set[tuple[Path, str]] = set()
         for name, source in self._sources.items():
             path = source.reader.file_of(source.key)
             if path not in handles:
                 handles[path] = files.enter_context(safe_open(path, framework="pt", device="cpu"))
-            state_dict[name] = handles[path].get_slice(source.key)
+            value = handles[path].get_slice(source.key)
+            # Reading one slice twice gives the same memory: each copy needs its own, or the experts would alias.
+            state_dict[name] = _CopyOnRead(value) if (path, source.key) in read else value
+            read.add((path, source.key))
         return state_dict
 
     def close(self) -> None:
