@@ -1,5 +1,5 @@
-"""The ``moelpr`` command: ``moelpr upcycle ...``, ``moelpr export ...``, ``moelpr expand ...``, ``moelpr eval ...``,
-``moelpr bench ...``."""
+"""The ``moelpr`` command: ``moelpr upcycle ...``, ``moelpr export ...``, ``moelpr merge ...``, ``moelpr expand ...``,
+``moelpr eval ...``, ``moelpr bench ...``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ SUBCOMMANDS = {
         "moelpr.export.transformers_moe",
         "write an MoE-LPR model as a standard Mixtral / Qwen2-MoE checkpoint",
     ),
+    "merge": ("moelpr.checkpoints.merge", "write a slim checkpoint (and its chain of bases) as one whole checkpoint"),
     "expand": (
         "moelpr.upcycling.llama_pro",
         "LLaMA-Pro block expansion of a dense checkpoint (identity-initialised blocks)",

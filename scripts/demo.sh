@@ -115,7 +115,8 @@ moelpr corpora --output_dir "$CORPORA" --cache_dir "$CACHE/debian" --new hu,tr,e
 
 step "Upcycle: 4 experts, top-2 (expert 0 = the original FFN)"
 if [ -f "$UPCYCLED/config.json" ]; then skip "$UPCYCLED"; else
-    moelpr upcycle --model_path "$BASE_MODEL" --output_path "$UPCYCLED" --num_experts 4 --topk 2 --router_init "$ROUTER_INIT"
+    moelpr upcycle --slim --model_path "$BASE_MODEL" --output_path "$UPCYCLED" --num_experts 4 --topk 2 \
+        --router_init "$ROUTER_INIT"
 fi
 
 source scripts/train_run.sh   # train NAME YAML MODEL DATASETS SAMPLES STEPS [KEY=VALUE...]
@@ -131,8 +132,8 @@ train full_ft examples/moelpr/demo/demo_full_ft.yaml "$BASE_MODEL" "$NEW_TRAIN" 
 
 step "MoE-CT upcycle: 2 routed experts, top-1, beside the frozen FFN"
 if [ -f "$UPCYCLED_CT/config.json" ]; then skip "$UPCYCLED_CT"; else
-    moelpr upcycle --method moe_ct --model_path "$BASE_MODEL" --output_path "$UPCYCLED_CT" --num_experts 2 --topk 1 \
-        --router_init "$ROUTER_INIT"
+    moelpr upcycle --slim --method moe_ct --model_path "$BASE_MODEL" --output_path "$UPCYCLED_CT" --num_experts 2 \
+        --topk 1 --router_init "$ROUTER_INIT"
 fi
 
 step "MoE-CT: routed experts, routers, fusion layers, embeddings on hu/tr/el + 10% English, $STAGE1_STEPS steps"

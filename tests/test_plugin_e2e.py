@@ -16,9 +16,10 @@ import pytest
 import torch
 import yaml
 from llamafactory_cli import CLI, REPO, train
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from moelpr.checkpoints.slim import ComposedCheckpoint
 from moelpr.models import routing_stats
 
 ROUTING_KEYS = {"lm_loss", "aux_loss", "lpr_loss", "old_lang_expert0_top1_share"}
@@ -28,7 +29,9 @@ pytestmark = pytest.mark.skipif(CLI is None, reason="llamafactory-cli is not ins
 
 
 def weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(model_dir / "model.safetensors")
+    """Every tensor of a checkpoint; stage outputs are slim (docs/checkpoints.md), composed with their bases."""
+    with ComposedCheckpoint(model_dir) as checkpoint:
+        return {name: checkpoint.get(name) for name in checkpoint.names()}
 
 
 def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:

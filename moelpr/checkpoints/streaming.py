@@ -166,6 +166,10 @@ class CheckpointReader:
         """Shape and dtype of a tensor, from the header alone."""
         return self._entries[name][2]
 
+    def file_of(self, name: str) -> Path:
+        """The shard file that holds a tensor."""
+        return self.model_dir / self._entries[name][0]
+
     def get(self, name: str) -> torch.Tensor:
         """The tensor, read into memory of its own with plain reads: a memory map (``safe_open``) would keep every
         page it read resident, and counted in the process's RSS, until the file is closed."""

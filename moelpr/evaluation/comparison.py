@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoints.streaming import CheckpointReader
+from ..checkpoints.slim import ComposedCheckpoint
 from ..models.moe import NEW_EXPERTS_NAME, ORIGINAL_EXPERT_NAME
 from .intervals import change_interval, document_units, gain_share_interval, mean_change_interval
 
@@ -65,7 +65,7 @@ def parameter_counts(model_dir: Path) -> tuple[int, int]:
     config = json.loads((model_dir / "config.json").read_text())
     expert_params: dict[tuple[int, str], int] = {}
     total = 0
-    with CheckpointReader(model_dir) as reader:
+    with ComposedCheckpoint(model_dir) as reader:  # a slim checkpoint too
         for name in reader.names():
             if name == "lm_head.weight" and config.get("tie_word_embeddings"):
                 continue

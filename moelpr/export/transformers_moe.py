@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
+from ..checkpoints.slim import ComposedCheckpoint
 from ..checkpoints.streaming import (
     CheckpointError,
-    CheckpointReader,
     parse_size,
     staged_directory,
     write_derived_tensors,
@@ -436,7 +436,7 @@ def _expected_source_names(plan: ExportPlan) -> set[str]:
     return names
 
 
-def _check_source_tensors(plan: ExportPlan, reader: CheckpointReader) -> None:
+def _check_source_tensors(plan: ExportPlan, reader: ComposedCheckpoint) -> None:
     expected = _expected_source_names(plan)
     present = set(reader.names())
     if plan.config.tie_word_embeddings:
@@ -491,7 +491,7 @@ def write_export(plan: ExportPlan, output_path: str | os.PathLike, max_shard_siz
         raise ExportError(f"{plan.model_path} has no tokenizer files; engines need them to serve the export")
     config = target_config(plan)
 
-    with CheckpointReader(plan.model_path) as reader:
+    with ComposedCheckpoint(plan.model_path) as reader:  # a slim checkpoint too
         _check_source_tensors(plan, reader)
         with staged_directory(output_path) as staging:
             names = reader.names()

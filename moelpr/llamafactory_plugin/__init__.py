@@ -83,12 +83,15 @@ def _patch_table() -> list[tuple[str, str, Callable[[Any], Any]]]:
 def _print_argument_errors_in_one_line() -> None:
     """A moelpr setting the user must change is reported as one line, not as a stack trace; every other
     uncaught exception keeps the usual traceback."""
+    from moelpr.checkpoints.slim import SlimCheckpointError
+
     from .hparams import MoELPRArgumentError
 
     previous_hook = sys.excepthook
 
     def excepthook(exc_type: type[BaseException], exc: BaseException, traceback: Any) -> None:
-        if issubclass(exc_type, MoELPRArgumentError):
+        # A slim checkpoint's missing or changed base is the user's to fix too (docs/checkpoints.md).
+        if issubclass(exc_type, (MoELPRArgumentError, SlimCheckpointError)):
             print(f"[moelpr] error: {exc}", file=sys.stderr)
         else:
             previous_hook(exc_type, exc, traceback)

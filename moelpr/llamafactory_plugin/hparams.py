@@ -82,6 +82,17 @@ class MoELPRFinetuningArguments(FinetuningArguments):
         },
     )
 
+    moelpr_save_full: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Save whole checkpoints (every tensor of the model) in the output and every `checkpoint-N`. Default: "
+                "slim ones, holding the tensors this stage trains and a reference to `model_name_or_path` "
+                "(docs/checkpoints.md); every tool loads both alike."
+            )
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.finetuning_type != MOELPR:
             moelpr_keys = (

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from llamafactory.train.callbacks import LogCallback
 from llamafactory.train.pt.trainer import CustomTrainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME
+
+from moelpr.checkpoints.slim import MOE_BASE, is_slim_checkpoint, resolve_base, write_reference
+from moelpr.checkpoints.streaming import CheckpointReader
 
 from moelpr.models import fusion_stats, routing_stats
 from moelpr.models.configuration import CT
@@ -64,6 +69,9 @@ class MoELPRTrainer(CustomTrainer):
                 "smoothing computes another loss from the logits, and the router losses would get no gradient."
             )
         self._routing_meter = RoutingMeter(self.model.config.max_num_experts) if moe else None
+        # Slim saves refer to the checkpoint this run loaded (docs/checkpoints.md).
+        self._saves_slim = moe and not getattr(self.finetuning_args, "moelpr_save_full", False)
+        self._base_checkpoint = self.model.config.name_or_path
 
     def compute_loss(
         self,
@@ -99,10 +107,64 @@ class MoELPRTrainer(CustomTrainer):
         self._routing_meter.add(values)
         return (loss, outputs) if return_outputs else loss
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not (self._saves_slim and self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()):
+            return super().save_model(output_dir, _internal_call)
+        # ZeRO-3 would gather every tensor of the model to save it; a slim save gathers the trained ones only.
+        state_dict = gathered_trained_tensors(self.accelerator.unwrap_model(self.model))
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        if not self._saves_slim:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        trained = {name for name, param in model.named_parameters() if param.requires_grad}
+        state_dict = model.state_dict() if state_dict is None else state_dict
+        super()._save(output_dir, {name: tensor for name, tensor in state_dict.items() if name in trained})
+        write_reference(output_dir, self._base_checkpoint, MOE_BASE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        if not is_slim_checkpoint(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = model if model is not None else self.model
+        base = resolve_base(resume_from_checkpoint)
+        loaded = Path(self._base_checkpoint)
+        if not loaded.is_dir() or base.resolve() != loaded.resolve():
+            raise MoELPRArgumentError(
+                f"`resume_from_checkpoint: {resume_from_checkpoint}` was trained from {base}, but this run loads "
+                f"`model_name_or_path: {self._base_checkpoint}`; resume with the model the run started from."
+            )
+        # The frozen tensors are the base's, already loaded; the checkpoint holds the trained ones.
+        with CheckpointReader(resume_from_checkpoint) as reader:
+            result = model.load_state_dict({name: reader.get(name) for name in reader.names()}, strict=False)
+        if result.unexpected_keys:
+            raise MoELPRArgumentError(
+                f"`resume_from_checkpoint: {resume_from_checkpoint}` holds {result.unexpected_keys[0]}, which this "
+                "model does not have."
+            )
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._routing_meter is not None and "loss" in logs:
             logs.update(self._routing_meter.summary(self.accelerator))
         super().log(logs, start_time)
+
+
+def gathered_trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The trained parameters of a ZeRO-3 model, gathered one at a time to the main process (every rank must
+    call it); ``None`` on the other ranks."""
+    import deepspeed
+    import torch.distributed as dist
+
+    main = dist.get_rank() == 0
+    state_dict = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            with deepspeed.zero.GatheredParameters([param]):
+                if main:
+                    state_dict[name] = param.detach().cpu().clone()
+    return state_dict if main else None
 
 
 def moelpr_trainer_class(_trainer_class: type) -> type:

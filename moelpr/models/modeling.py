@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import GenerationConfig
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..checkpoints.slim import ComposedCheckpoint, is_slim_checkpoint
 
 from .configuration import CT
 from .moe import (
@@ -77,6 +83,28 @@ class MoELPRForCausalLMMixin:
             layer.register_forward_hook(exit_decoder_layer, always_call=True)
         # Again, now that the MoE blocks exist: initialise their weights and register them.
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' ``from_pretrained``; a slim checkpoint (docs/checkpoints.md) loads as the whole model it
+        stands for: its chain of bases is resolved and checked first, then every tensor is read from the checkpoint
+        of the chain that holds it, with the caller's ``dtype``, ``device_map`` and other options."""
+        if pretrained_model_name_or_path is None or not is_slim_checkpoint(pretrained_model_name_or_path):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        path = Path(pretrained_model_name_or_path)
+        config = kwargs.pop("config", None)
+        if config is None:
+            config, kwargs = cls.config_class.from_pretrained(path, return_unused_kwargs=True, **kwargs)
+        with ComposedCheckpoint(path) as checkpoint, ExitStack() as files:
+            state_dict = checkpoint.lazy_state_dict(files)
+            if is_deepspeed_zero3_enabled():  # ZeRO-3's loader takes tensors, not slices
+                state_dict = {name: value[:] for name, value in state_dict.items()}
+            loaded = super().from_pretrained(None, *model_args, config=config, state_dict=state_dict, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.config.name_or_path = model.name_or_path = str(pretrained_model_name_or_path)
+        if model.can_generate() and (path / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        return loaded
 
     @classmethod
     def moe_block_class(cls, config) -> type[MoELPRSparseBlock] | type[MoECTBlock]:

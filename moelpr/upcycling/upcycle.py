@@ -39,6 +39,7 @@ from ..checkpoints.streaming import (
     parse_size,
     staged_directory,
 )
+from ..checkpoints.slim import DENSE_BASE, write_reference
 from .layer_allocation import (
     DEFAULT_MAX_TOKENS,
     AllocationError,
@@ -313,16 +314,40 @@ def plan_upcycling(reader: CheckpointReader, config, model_class: type) -> list[
     return steps
 
 
+def _block_tensors(
+    ffn: dict[str, torch.Tensor], step: UpcyclingStep, config, block_class: type, seed: int, router_init: str
+) -> dict[str, torch.Tensor]:
+    """One upcycled block's tensors (checkpoint names) from its layer's FFN tensors (names inside the FFN)."""
+    dtype = next(iter(ffn.values())).dtype
+    rows = router_rows(seed, step.layer, config.hidden_size, dtype, router_init, config.initializer_range)
+    block = block_class.upcycled_tensors(ffn, config.num_experts_of(step.layer), rows)
+    return {step.prefix + name: tensor for name, tensor in block.items()}
+
+
 def _step_tensors(
     reader: CheckpointReader, step: UpcyclingStep, config, block_class: type, seed: int, router_init: str
 ) -> dict[str, torch.Tensor]:
     if step.layer is None:
         return {step.outputs[0].name: reader.get(step.inputs[0])}
     ffn = {name.removeprefix(step.prefix): reader.get(name) for name in step.inputs}
-    dtype = next(iter(ffn.values())).dtype
-    rows = router_rows(seed, step.layer, config.hidden_size, dtype, router_init, config.initializer_range)
-    block = block_class.upcycled_tensors(ffn, config.num_experts_of(step.layer), rows)
-    return {step.prefix + name: tensor for name, tensor in block.items()}
+    return _block_tensors(ffn, step, config, block_class, seed, router_init)
+
+
+def new_block_tensors(
+    reader: CheckpointReader, steps: list[UpcyclingStep], config, block_class: type, seed: int, router_init: str
+) -> dict[str, torch.Tensor]:
+    """What a slim upcycle stores: the tensors each upcycled block makes anew (routers, MoE-CT's fusion layers),
+    the same values :func:`write_upcycled` writes. The FFN is not read (meta tensors stand in for it): its expert
+    copies are made at load time."""
+    tensors = {}
+    for step in steps:
+        if step.layer is None:
+            continue
+        specs = {name.removeprefix(step.prefix): reader.spec(name) for name in step.inputs}
+        ffn = {name: torch.empty(spec.shape, dtype=spec.dtype, device="meta") for name, spec in specs.items()}
+        block = _block_tensors(ffn, step, config, block_class, seed, router_init)
+        tensors.update({name: tensor for name, tensor in block.items() if not tensor.is_meta})
+    return tensors
 
 
 def write_upcycled(
@@ -357,6 +382,7 @@ def upcycle(
     allocation_max_tokens: int = DEFAULT_MAX_TOKENS,
     method: str = "moe_lpr",
     router_init: str = XAVIER,
+    slim: bool = False,
 ) -> Path:
     """Write the upcycled checkpoint (weights, config, generation config, tokenizer) of the dense safetensors
     checkpoint at ``model_path``.
@@ -370,7 +396,9 @@ def upcycle(
     ``num_experts`` and ``top_k`` default to the method's (4 and 2 for MoE-LPR, 2 and 1 for MoE-CT). Weights are
     written in shards of at most ``max_shard_size`` (``"5GB"``, bytes...). The output appears whole or not at all
     (see :func:`~moelpr.checkpoints.streaming.staged_directory`). ``router_init`` is ``"xavier"`` (the MoE-LPR
-    authors' ``xavier_normal_``) or ``"normal"`` (``randn * initializer_range``); see :func:`router_std`.
+    authors' ``xavier_normal_``) or ``"normal"`` (``randn * initializer_range``); see :func:`router_std`. With
+    ``slim`` it holds the routers (and fusion layers) only, and a reference to ``model_path`` from which the experts
+    are copied at load time (docs/checkpoints.md).
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -424,15 +452,24 @@ def upcycle(
         with CheckpointReader(model_path) as reader:
             steps = plan_upcycling(reader, config, model_class)
             with staged_directory(output_path) as staging:
-                layout = [spec for step in steps for spec in step.outputs]
+                block_class = model_class.moe_block_class(config)
+                if slim:
+                    tensors = new_block_tensors(reader, steps, config, block_class, seed, router_init)
+                    layout = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+                else:
+                    layout = [spec for step in steps for spec in step.outputs]
                 writer = ShardedWriter(staging, layout, max_shard_bytes)
                 try:
-                    write_upcycled(
-                        reader, steps, writer, config, model_class.moe_block_class(config), seed, router_init
-                    )
+                    if slim:
+                        for name, tensor in tensors.items():
+                            writer.write(name, tensor)
+                    else:
+                        write_upcycled(reader, steps, writer, config, block_class, seed, router_init)
                 finally:
                     writer.close()
                 writer.finish()
+                if slim:
+                    write_reference(staging, model_path, DENSE_BASE, final_dir=output_path)
                 config.save_pretrained(staging)
                 if (model_path / GENERATION_CONFIG_NAME).is_file():
                     shutil.copyfile(model_path / GENERATION_CONFIG_NAME, staging / GENERATION_CONFIG_NAME)
@@ -485,6 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allocation_max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help=f"with auto:K: tokens read from each corpus (default {DEFAULT_MAX_TOKENS})")
     parser.add_argument(
+        "--slim",
+        action="store_true",
+        help="write only the routers (and MoE-CT's fusion layers) and a reference to --model_path; the experts are "
+        "copied from the dense model whenever the checkpoint loads (docs/checkpoints.md)",
+    )
+    parser.add_argument(
         "--max_shard_size",
         default=DEFAULT_MAX_SHARD_SIZE,
         help=f"largest weight file written, as in save_pretrained (default {DEFAULT_MAX_SHARD_SIZE}; e.g. 2GB, 500MB)",
@@ -499,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model_path, args.output_path, args.num_experts, args.topk, args.moe_layers, args.seed,
             args.max_shard_size, args.new_corpus, args.old_corpus, args.allocation_max_tokens, method=args.method,
             router_init=args.router_init,
+            slim=args.slim,
         )
     except (UpcyclingError, AllocationError) as error:
         print(f"moelpr upcycle: error: {error}", file=sys.stderr)
