@@ -106,7 +106,7 @@ LOCALES = {
 
 def _create_panel() -> dict[str, gr.components.Component]:
     """The moelpr accordion, in LlamaBoard's style (labels come from LOCALES when the page sets its language)."""
-    with gr.Accordion(open=False, render=False) as moelpr_tab:
+    with gr.Accordion(open=False, render=False, elem_id="moelpr_tab") as moelpr_tab:
         with gr.Row():
             moelpr_stage = gr.Dropdown(choices=[POST_PRETRAIN, REVIEW], value=POST_PRETRAIN)
             moelpr_method = gr.Dropdown(choices=list(METHOD_CHOICES), value=METHOD_CHOICES[0])
