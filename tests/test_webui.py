@@ -94,6 +94,8 @@ def browser(tmp_path):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    # On a busy machine one command may take longer than the client's default 120 s to answer.
+    driver.command_executor._client_config.timeout = 600
     try:
         yield driver
     finally:
@@ -183,6 +185,15 @@ class Board:
             self._output_box = start.find_element("xpath", "following::div[contains(@class,'prose')][1]")
         return self._output_box.get_attribute("textContent").strip()
 
+    def start(self, *texts: str, timeout: float = 600) -> str:
+        """Click Start; the output box's text once it has changed and shows one of ``texts``."""
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        before = self.output_box()
+        self.click("Start")
+        WebDriverWait(self.driver, 120, poll_frequency=1).until(lambda d: self.output_box() != before)
+        return self.wait_for_output(*texts, timeout=timeout)
+
     def wait_for_output(self, *texts: str, timeout: float = 300) -> str:
         from selenium.webdriver.support.ui import WebDriverWait
 
@@ -250,8 +261,7 @@ def test_both_stages_and_an_error_from_the_web_ui(upcycled_llama_dir, webui, bro
     preview = board.wait_for_output("llamafactory-cli train")
     for line in ("--finetuning_type moelpr", "--moelpr_stage post_pretrain", "--aux_loss_coef 0.01"):
         assert line in preview, preview
-    board.click("Start")
-    log = board.wait_for_output("Finished.", "Failed.")
+    log = board.start("Finished.", "Failed.")
     assert "Finished." in log, log
     assert "expert_share_0" in log  # the routing statistics are in the run's log
     stage1 = saves / "stage1"
@@ -271,8 +281,7 @@ def test_both_stages_and_an_error_from_the_web_ui(upcycled_llama_dir, webui, bro
     board.screenshot("webui_moelpr_stage2.png")
     set_small_run(board)
     board.type("Output dir", "stage2")
-    board.click("Start")
-    log = board.wait_for_output("Finished.", "Failed.")
+    log = board.start("Finished.", "Failed.")
     assert "Finished." in log, log
     assert "old_lang_expert0_top1_share" in log
     stage2 = saves / "stage2"
@@ -282,8 +291,7 @@ def test_both_stages_and_an_error_from_the_web_ui(upcycled_llama_dir, webui, bro
     # A mistake: the review stage without an old-language dataset. The UI shows the plugin's one line, no run starts.
     board.remove("Dataset", "old_en (old)")
     board.type("Output dir", "never")
-    board.click("Start")
-    message = board.wait_for_output("[moelpr] error:", "Failed.", "Finished.", timeout=120)
+    message = board.start("[moelpr] error:", "Failed.", "Finished.", timeout=120)
     assert message.startswith("[moelpr] error: The review stage trains the routers"), message
     assert "Traceback" not in message and "\n" not in message.strip()
     board.screenshot("webui_moelpr_error.png", "Output dir", hide_notices=False)
