@@ -138,18 +138,19 @@ class Board:
     def choose(self, label: str, option: str) -> None:
         """Open a dropdown and pick the option shown as ``option``; checked, since LlamaBoard refills some lists
         when they get the focus and the refill may land after the pick."""
-        for _ in range(3):
-            self._pick(label, option)
+        for attempt in range(3):
+            self._pick(label, option, settle=1 + 3 * attempt)
             time.sleep(1)
             if self._chosen(label, option):
                 return
         raise AssertionError(f"could not choose {option!r} in {label!r}")
 
-    def _pick(self, label: str, option: str) -> None:
+    def _pick(self, label: str, option: str, settle: float) -> None:
         from selenium.webdriver.common.keys import Keys
 
         field = self.field(label)
         field.click()
+        time.sleep(settle)  # let a refill on focus land first
         if field.get_attribute("value"):  # a single choice shows its value; in a multiselect, backspace would remove one
             field.send_keys(Keys.CONTROL, "a", Keys.BACKSPACE)
         field.send_keys(option)  # filters the options, as a user types to find one among many
@@ -273,7 +274,13 @@ def test_both_stages_and_an_error_from_the_web_ui(upcycled_llama_dir, webui, bro
     assert [e["current_steps"] for e in map(json.loads, (stage1 / "trainer_log.jsonl").open()) if "loss" in e] == [1, 2]
 
     # Stage 2 from the stage-1 output, picked in LlamaBoard's checkpoint list.
-    board.choose("Checkpoint path", "stage1")
+    # LlamaBoard lists the stage-1 output among its checkpoints; it refills that list on focus, so type the name.
+    board.field("Checkpoint path").click()
+    board.wait.until(lambda d: d.find_element("xpath", "//ul[contains(@class,'options')]/li[@aria-label='stage1']"))
+    time.sleep(2)
+    board.type("Checkpoint path", "stage1")
+    time.sleep(2)
+    assert board.field("Checkpoint path").get_attribute("value") == "stage1"
     board.choose("MoE-LPR stage", "review")
     assert board.field("LPR loss coefficient").get_attribute("value") == "0.1"
     assert board.checkbox("Language mask").is_selected()
