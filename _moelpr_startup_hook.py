@@ -10,6 +10,7 @@ an action right after a given module has been imported:
   ``import moelpr``, and torch and moelpr load only when such a checkpoint is opened.
 - ``llamafactory.train.tuner`` (``llamafactory-cli train`` and the ``torchrun`` workers it launches): the
   LLaMA-Factory plugin is applied.
+- ``llamafactory.webui.interface`` (``llamafactory-cli webui``): the plugin's LlamaBoard part is applied too.
 """
 
 import importlib.util
@@ -62,10 +63,17 @@ def _apply_plugin(_tuner: ModuleType) -> None:
     apply()
 
 
+def _apply_webui_plugin(_interface: ModuleType) -> None:
+    from moelpr.llamafactory_plugin import apply_webui
+
+    apply_webui()
+
+
 # Module -> what runs right after it has been imported.
 AFTER_IMPORT: dict[str, Callable[[ModuleType], None]] = {
     "transformers.models.auto.configuration_auto": _register_model_types_on_lookup,
     "llamafactory.train.tuner": _apply_plugin,
+    "llamafactory.webui.interface": _apply_webui_plugin,
 }
 
 

@@ -7,7 +7,8 @@ patching code it has not been checked against.
 
 The ``moelpr-startup.pth`` startup hook installed with the package calls :func:`apply` as soon as
 ``llamafactory.train.tuner`` is imported, so the plain ``llamafactory-cli`` (and the ``torchrun``
-workers it launches) pick the plugin up without a wrapper command.
+workers it launches) pick the plugin up without a wrapper command, and :func:`apply_webui` as soon as
+LlamaBoard's ``llamafactory.webui.interface`` is imported (``llamafactory-cli webui``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from packaging.version import Version
 SUPPORTED_LLAMAFACTORY = ">=0.9.5,<0.9.6"
 
 _applied = False
+_webui_applied = False
 
 
 def check_llamafactory_version() -> str:
@@ -80,6 +82,23 @@ def _patch_table() -> list[tuple[str, str, Callable[[Any], Any]]]:
     ]
 
 
+def _webui_patch_table() -> list[tuple[str, str, Callable[[Any], Any]]]:
+    """(module, attribute, original -> replacement) for LlamaBoard (imports gradio, so kept apart from training)."""
+    from . import webui
+
+    return [
+        ("llamafactory.webui.components.top", "METHODS", webui.add_method),
+        ("llamafactory.webui.locales", "LOCALES", webui.add_locales),
+        # The moelpr panel in the Train tab, recipe defaults, dataset languages in the picker.
+        ("llamafactory.webui.interface", "create_train_tab", webui.wrap_create_train_tab),
+        ("llamafactory.webui.components.train", "list_datasets", webui.wrap_list_datasets),
+        # The panel's keys in the previewed and saved YAML; the plugin's argument errors before a run starts.
+        ("llamafactory.webui.runner", "Runner._parse_train_args", webui.wrap_runner_parse_train_args),
+        ("llamafactory.webui.runner", "Runner._initialize", webui.wrap_runner_initialize),
+        ("llamafactory.webui.common", "_clean_cmd", webui.wrap_clean_cmd),
+    ]
+
+
 def _print_argument_errors_in_one_line() -> None:
     """A moelpr setting the user must change is reported as one line, not as a stack trace; every other
     uncaught exception keeps the usual traceback."""
@@ -109,7 +128,21 @@ def apply() -> None:
     # calls apply() again.
     _applied = True
     _print_argument_errors_in_one_line()
-    for module_name, attribute, make_replacement in _patch_table():
+    _install(_patch_table())
+
+
+def apply_webui() -> None:
+    """Add moelpr to the imported LlamaBoard (and :func:`apply` the training plugin); safe to call more than once."""
+    global _webui_applied
+    if _webui_applied:
+        return
+    apply()
+    _webui_applied = True
+    _install(_webui_patch_table())
+
+
+def _install(table: list[tuple[str, str, Callable[[Any], Any]]]) -> None:
+    for module_name, attribute, make_replacement in table:
         owner = import_module(module_name)
         *owner_path, name = attribute.split(".")
         for part in owner_path:
@@ -117,4 +150,4 @@ def apply() -> None:
         setattr(owner, name, make_replacement(getattr(owner, name)))
 
 
-__all__ = ["SUPPORTED_LLAMAFACTORY", "apply", "check_llamafactory_version"]
+__all__ = ["SUPPORTED_LLAMAFACTORY", "apply", "apply_webui", "check_llamafactory_version"]

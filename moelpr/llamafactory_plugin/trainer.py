@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from llamafactory.extras import logging
 from llamafactory.train.callbacks import LogCallback
 from llamafactory.train.pt.trainer import CustomTrainer
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -27,6 +28,8 @@ from .model import is_moelpr_model
 LOSS_KEYS = ("lm_loss", "aux_loss", "lpr_loss")
 EXPERT_SHARE_PREFIX = "expert_share_"
 OLD_LANG_EXPERT0_KEY = "old_lang_expert0_top1_share"
+# LLaMA-Factory's library logger: LlamaBoard's log file handler sits on it.
+logger = logging.get_logger()
 # MoE-CT: mean fusion weight on the frozen FFN, over all tokens and over old- / new-language ones (fusion_stats).
 FUSION_KEYS = ("ffn_fusion_weight", "old_lang_ffn_fusion_weight", "new_lang_ffn_fusion_weight")
 
@@ -183,6 +186,9 @@ class MoELPRLogCallback(LogCallback):
         if routing and args.should_save:
             self._routing_logs[state.global_step] = routing
         super().on_log(args, state, control, **kwargs)
+        if routing and self.webui_mode and args.should_save:
+            # LlamaBoard shows the run's log file, where LogCallback writes a fixed set of keys only.
+            logger.info_rank0("{" + ", ".join(f"'{key}': {value:.4f}" for key, value in routing.items()) + "}")
 
     def _write_log(self, output_dir: str, logs: dict[str, Any]) -> None:
         # Runs later on LogCallback's writer thread, hence the lookup by step rather than "the latest".
