@@ -165,9 +165,13 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     return router_probs, weights, selected
 
 
+def _autocast_on(device: torch.device) -> bool:
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
 def _compute_dtype(tokens: torch.Tensor) -> torch.dtype:
     """The dtype the experts' linear layers compute in: autocast's where it is on (as ``F.linear`` would)."""
-    if torch.is_autocast_enabled(tokens.device.type):
+    if _autocast_on(tokens.device):
         return torch.get_autocast_dtype(tokens.device.type)
     return tokens.dtype
 
@@ -179,7 +183,7 @@ def grouped_ffn_supported(experts: Sequence[nn.Module], tokens: torch.Tensor) ->
     another framework manages (DeepSpeed ZeRO-3 partitions, PEFT-wrapped layers, DTensors): these run through
     the experts' own forward, which their hooks need."""
     first = experts[0]
-    autocast = torch.is_autocast_enabled(tokens.device.type)
+    autocast = _autocast_on(tokens.device)
     for expert in experts:
         if type(expert) is not type(first) or type(getattr(expert, "act_fn", None)) is not type(first.act_fn):
             return False
