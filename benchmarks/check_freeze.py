@@ -41,7 +41,8 @@ def main() -> None:
     stage1, problems1 = changed_tensors(args.upcycled, args.stage1)
     stage2, problems2 = changed_tensors(args.stage1, args.stage2)
     problems = problems1 + problems2
-    problems += [f"stage 1 changed {n}" for n in sorted(stage1) if ".mlp.router." not in n and ".mlp.new_experts." not in n]
+    stage1_trainable = (".mlp.router.", ".mlp.new_experts.")
+    problems += [f"stage 1 changed {n}" for n in sorted(stage1) if not any(part in n for part in stage1_trainable)]
     problems += [f"stage 1 left the router {n} unchanged" for n in sorted(routers - stage1)]
     if not any(".mlp.new_experts." in n for n in stage1):
         problems.append("stage 1 changed no new expert")

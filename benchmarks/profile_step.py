@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 
 import torch
+from step_time import DTYPES, TRAINABLE  # noqa: E402  (benchmarks/ is the script's directory)
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
 
 import moelpr  # noqa: F401  (registers the MoE model types)
-from step_time import DTYPES, TRAINABLE  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def main() -> None:
@@ -34,7 +34,8 @@ def main() -> None:
     for name, param in model.named_parameters():
         param.requires_grad_(trainable is None or any(f".{m}." in name for m in trainable))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    input_ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator)
 
     def step() -> None:
         model(input_ids=input_ids, labels=input_ids).loss.backward()

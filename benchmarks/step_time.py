@@ -109,7 +109,8 @@ def main() -> None:
         runs.append(Run("dense full fine-tuning", dtype_name, dense, TRAINABLE["full"]))
         for stage in ("stage1", "stage2"):
             for implementation in args.implementations.split(","):
-                runs.append(Run(f"MoE-LPR {stage}, {implementation}", dtype_name, moe, TRAINABLE[stage], implementation))
+                label = f"MoE-LPR {stage}, {implementation}"
+                runs.append(Run(label, dtype_name, moe, TRAINABLE[stage], implementation))
     vocab = runs[0].model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)

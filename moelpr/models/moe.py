@@ -24,8 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration import EXPERTS_IMPLEMENTATIONS
-
 # Parameter-name parts the freeze rules of the two training stages match on.
 ROUTER_NAME = "router"
 ORIGINAL_EXPERT_NAME = "original_expert"
@@ -287,7 +285,8 @@ def run_experts(
 ) -> torch.Tensor:
     """``sum_slots weight * expert(token)`` for every token, a token's slots added in expert order.
 
-    ``implementation`` (one of ``EXPERTS_IMPLEMENTATIONS``, the config's ``moe_experts_implementation``): grouped, all experts in one grouped GEMM per
+    ``implementation`` (the config's ``moe_experts_implementation``, see ``configuration.EXPERTS_IMPLEMENTATIONS``):
+    grouped, all experts in one grouped GEMM per
     projection with the group offsets computed on the device (no host sync); or the loop, experts fed their
     tokens in one batch each after a host sync for the counts. ``run_idle`` (loop only; the grouped path always
     involves every expert) also runs experts that got no token: under DDP each trainable expert must take part
@@ -357,7 +356,7 @@ def upcycled_expert_tensors(ffn: dict[str, torch.Tensor], num_experts: int) -> d
 class MoELPRSparseBlock(nn.Module):
     """Upcycled FFN: expert 0 is the original FFN (its own name, so it can be frozen by name),
     experts 1..N-1 start as its copies; a bias-free linear router picks the top-k per token.
-    ``experts_implementation``: how the experts run (``EXPERTS_IMPLEMENTATIONS``)."""
+    ``experts_implementation``: how the experts run (``configuration.EXPERTS_IMPLEMENTATIONS``)."""
 
     def __init__(
         self,
@@ -393,7 +392,12 @@ class MoELPRSparseBlock(nn.Module):
         router_logits = self.router(tokens)
         router_probs, weights, selected = route(router_logits, self.top_k)
         output = run_experts(
-            tokens, self.experts(), weights, selected, run_idle=self.training, implementation=self.experts_implementation
+            tokens,
+            self.experts(),
+            weights,
+            selected,
+            run_idle=self.training,
+            implementation=self.experts_implementation,
         )
         output = output.reshape(batch, seq_len, hidden_size)
         return record_routing(output, router_logits, router_probs, selected)

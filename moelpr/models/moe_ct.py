@@ -26,7 +26,8 @@ class MoECTBlock(nn.Module):
     """The frozen FFN (``original_expert``, the always-active shared expert), ``num_experts`` routed experts
     (``new_experts``) behind a bias-free top-k router, and the fusion layer ``fusion`` (``W_c``: hidden -> 2,
     with a bias as in DeepSpeed's residual MoE) whose softmax weighs the routed output (index 0) against the
-    frozen FFN's (index 1). ``experts_implementation``: how the routed experts run (``configuration.EXPERTS_IMPLEMENTATIONS``)."""
+    frozen FFN's (index 1). ``experts_implementation``: how the routed experts run
+    (``configuration.EXPERTS_IMPLEMENTATIONS``)."""
 
     def __init__(
         self,
@@ -65,7 +66,12 @@ class MoECTBlock(nn.Module):
         router_logits = self.router(tokens)
         router_probs, weights, selected = route(router_logits, self.top_k)
         routed = run_experts(
-            tokens, self.new_experts, weights, selected, run_idle=self.training, implementation=self.experts_implementation
+            tokens,
+            self.new_experts,
+            weights,
+            selected,
+            run_idle=self.training,
+            implementation=self.experts_implementation,
         )
         # In float32: the two weights then sum to 1 closely enough that copies of the FFN give back its output.
         fusion = F.softmax(self.fusion(tokens), dim=-1, dtype=torch.float32)
