@@ -2,7 +2,8 @@
 
 Run by hand, not in CI; results are written down in benchmarks/README.md.
 
-    python benchmarks/inference_speed.py --dense DENSE_DIR --moe MOE_DIR [--bf16] [--repeats 5]
+    python benchmarks/inference_speed.py --dense DENSE_DIR --moe MOE_DIR [--bf16] [--repeats 5] [--device cuda]
+        [--json OUT.json]
 
 Prefill: one forward pass over a batch of random token blocks (no cache). Decode: greedy generation with the KV
 cache, batch 1, a fixed number of new tokens after a short prompt. The two models are timed alternately
@@ -22,10 +23,17 @@ from transformers import AutoModelForCausalLM
 import moelpr  # noqa: F401  (registers the MoE model types)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 @torch.inference_mode()
 def prefill_seconds(model, input_ids: torch.Tensor) -> float:
+    _sync(input_ids.device)
     start = time.perf_counter()
     model(input_ids=input_ids)
+    _sync(input_ids.device)
     return time.perf_counter() - start
 
 
@@ -33,11 +41,14 @@ def prefill_seconds(model, input_ids: torch.Tensor) -> float:
 def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
     """Seconds per generated token, the prompt's prefill excluded (timed separately and subtracted)."""
     kwargs = {"do_sample": False, "pad_token_id": model.config.eos_token_id, "eos_token_id": None}
+    _sync(prompt.device)
     start = time.perf_counter()
     model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kwargs)
+    _sync(prompt.device)
     first = time.perf_counter() - start
     start = time.perf_counter()
     model.generate(prompt, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, **kwargs)
+    _sync(prompt.device)
     return (time.perf_counter() - start - first) / new_tokens
 
 
@@ -52,18 +63,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--implementation", default=None, help="the MoE model's moe_experts_implementation")
+    parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    moe_fields = {"moe_experts_implementation": args.implementation} if args.implementation else {}
     models = {
-        "dense": AutoModelForCausalLM.from_pretrained(args.dense, dtype=dtype).eval(),
-        "moe": AutoModelForCausalLM.from_pretrained(args.moe, dtype=dtype).eval(),
+        "dense": AutoModelForCausalLM.from_pretrained(args.dense, dtype=dtype).to(device).eval(),
+        "moe": AutoModelForCausalLM.from_pretrained(args.moe, dtype=dtype, **moe_fields).to(device).eval(),
     }
     generator = torch.Generator().manual_seed(0)
     vocab = models["dense"].config.vocab_size
-    blocks = torch.randint(0, vocab, (args.batch, args.seq), generator=generator)
-    prompt = torch.randint(0, vocab, (1, args.prompt), generator=generator)
+    blocks = torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)
+    prompt = torch.randint(0, vocab, (1, args.prompt), generator=generator).to(device)
     for model in models.values():  # warm-up: first calls allocate and pick kernels
         prefill_seconds(model, blocks)
         decode_seconds(model, prompt, 4)
@@ -73,7 +89,13 @@ def main() -> None:
         for name, model in models.items():
             prefill[name].append(prefill_seconds(model, blocks))
             decode[name].append(decode_seconds(model, prompt, args.new_tokens))
-    result = {"dtype": str(dtype), "threads": torch.get_num_threads(), "repeats": args.repeats}
+    result = {
+        "dtype": str(dtype),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "moe_experts_implementation": models["moe"].config.moe_experts_implementation,
+    }
     for name in models:
         result[f"{name}_prefill_tokens_per_s"] = round(blocks.numel() / statistics.median(prefill[name]), 1)
         result[f"{name}_decode_tokens_per_s"] = round(1 / statistics.median(decode[name]), 2)
@@ -82,6 +104,9 @@ def main() -> None:
             result[f"moe_{phase}_tokens_per_s"] / result[f"dense_{phase}_tokens_per_s"], 3
         )
     print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
 
 
 if __name__ == "__main__":

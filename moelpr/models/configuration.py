@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# How MoE layers may run their experts (``moe.run_experts``).
+EXPERTS_IMPLEMENTATIONS = ("auto", "grouped", "loop")
+
 LPR = "lpr"
 CT = "ct"
 # The methods as users name them (``moelpr upcycle --method``, the ``moelpr_method`` YAML key) -> ``moe_method``.
@@ -35,6 +38,10 @@ class MoELPRConfigMixin:
         ``"authors"`` (the same cross-entropy applied to the router's softmax outputs, as the authors' code does: a
         second softmax, which weakens the gradient; see ``moe.lpr_loss``).
     output_router_logits: return router logits in the model output.
+    moe_experts_implementation: how each MoE layer runs its experts: ``"grouped"`` (all experts in one grouped
+        GEMM per projection, ``torch._grouped_mm``, no host sync), ``"loop"`` (one expert after another) or
+        ``"auto"`` (grouped where it is available and faster: CUDA in bf16, CPU batches; the loop otherwise).
+        Same results either way (see ``moe.run_experts``).
     """
 
     moe_method: str = LPR
@@ -45,8 +52,14 @@ class MoELPRConfigMixin:
     lpr_loss_coef: float = 0.0
     lpr_loss_form: str = PAPER
     output_router_logits: bool = False
+    moe_experts_implementation: str = "auto"
 
     def validate_moe(self) -> None:
+        if self.moe_experts_implementation not in EXPERTS_IMPLEMENTATIONS:
+            raise ValueError(
+                f"moe_experts_implementation must be one of {list(EXPERTS_IMPLEMENTATIONS)}, "
+                f"got {self.moe_experts_implementation!r}."
+            )
         if self.moe_method not in DEFAULT_EXPERTS:
             raise ValueError(f"moe_method must be one of {sorted(DEFAULT_EXPERTS)}, got {self.moe_method!r}.")
         if self.lpr_loss_form not in LPR_LOSS_FORMS:

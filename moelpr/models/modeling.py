@@ -50,17 +50,19 @@ class MoELPRCausalLMOutputWithPast(CausalLMOutputWithPast):
     ffn_fusion_weights: tuple[torch.Tensor, ...] | None = None
 
 
-def micro_batch_share(labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> float:
+def micro_batch_share(labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | float:
     """Share of the optimizer step's predicted tokens that this micro-batch holds.
 
     When the trainer passes ``num_items_in_batch`` it normalises the LM loss by the tokens of the whole
     (accumulated) step instead of dividing each micro-batch's mean; router losses, which are per-batch
-    means, get the same treatment so their weight does not grow with gradient accumulation.
+    means, get the same treatment so their weight does not grow with gradient accumulation. A 0-dim tensor on
+    the labels' device (never read on the host: no sync in the training step).
     """
     if num_items_in_batch is None:
         return 1.0
     # Counted as the trainer counts ``num_items_in_batch`` (unshifted labels), so shares sum to one.
-    return int((labels != IGNORE_INDEX).sum()) / max(float(num_items_in_batch), 1.0)
+    labelled = (labels != IGNORE_INDEX).sum().float()
+    return labelled / torch.as_tensor(num_items_in_batch, device=labels.device).float().clamp(min=1.0)
 
 
 class MoELPRForCausalLMMixin:
@@ -117,6 +119,7 @@ class MoELPRForCausalLMMixin:
             num_experts=config.num_experts_of(layer_idx),
             top_k=config.num_experts_per_tok,
             make_expert=lambda: self.expert_class(config),
+            experts_implementation=config.moe_experts_implementation,
         )
 
     def moe_blocks(self) -> list[MoELPRSparseBlock | MoECTBlock]:

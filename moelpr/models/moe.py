@@ -91,7 +91,8 @@ class RoutingContext:
     token_mask: torch.Tensor | None  # [tokens] bool, False on padding
     lang_mask: torch.Tensor | None  # [tokens] bool, True on old-language tokens
     compute_losses: bool = False
-    loss_weights: tuple[float, float] | None = None  # (balance, lpr) per layer; None: no loss gradient
+    # (balance, lpr) per layer, numbers or 0-dim tensors; None: no loss gradient
+    loss_weights: tuple[float | torch.Tensor, float | torch.Tensor] | None = None
     lpr_loss_form: str = "paper"  # the config's lpr_loss_form (see lpr_loss)
     loss_scale: LossScale | None = None
     records: list[LayerRouting] = field(default_factory=list)
@@ -174,16 +175,138 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     return router_probs, weights, selected
 
 
-def run_experts(
-    tokens: torch.Tensor, experts: Sequence[nn.Module], weights: torch.Tensor, selected: torch.Tensor, run_idle: bool
-) -> torch.Tensor:
-    """``sum_slots weight * expert(token)`` for every token, experts fed their tokens in one batch each.
+def _autocast_on(device: torch.device) -> bool:
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
 
-    ``run_idle`` also runs experts that got no token (on an empty batch): under DDP each trainable expert
-    must take part in every step on every rank, or the gradient all-reduce waits for it.
+
+def _compute_dtype(tokens: torch.Tensor) -> torch.dtype:
+    """The dtype the experts' linear layers compute in: autocast's where it is on (as ``F.linear`` would)."""
+    if _autocast_on(tokens.device):
+        return torch.get_autocast_dtype(tokens.device.type)
+    return tokens.dtype
+
+
+def grouped_ffn_supported(experts: Sequence[nn.Module], tokens: torch.Tensor) -> bool:
+    """Whether ``experts`` can run as one grouped GEMM on ``tokens``: gated FFNs (``down(act(gate(x)) * up(x))``,
+    every family's MLP) of bias-free plain linear layers with the same activation, weights held whole on the
+    tokens' device in their compute dtype (any float dtype under autocast, which casts them). Not with weights
+    another framework manages (DeepSpeed ZeRO-3 partitions, PEFT-wrapped layers, DTensors): these run through
+    the experts' own forward, which their hooks need."""
+    first = experts[0]
+    autocast = _autocast_on(tokens.device)
+    for expert in experts:
+        if type(expert) is not type(first) or type(getattr(expert, "act_fn", None)) is not type(first.act_fn):
+            return False
+        if expert.act_fn.extra_repr() != first.act_fn.extra_repr():
+            return False
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            linear = getattr(expert, name, None)
+            if type(linear) is not nn.Linear or linear.bias is not None:
+                return False
+            weight = linear.weight
+            if type(weight.data) is not torch.Tensor or hasattr(weight, "ds_id") or weight.device != tokens.device:
+                return False
+            if weight.shape != getattr(first, name).weight.shape:
+                return False
+            if not (weight.dtype == tokens.dtype or (autocast and weight.is_floating_point())):
+                return False
+    return True
+
+
+def uses_grouped_experts(implementation: str, experts: Sequence[nn.Module], tokens: torch.Tensor) -> bool:
+    """``"auto"``: grouped on CUDA in bf16 (what ``torch._grouped_mm`` supports there, SM 8.0 and newer) and on the
+    CPU for batches of tokens (measured faster there in bf16 and float32, benchmarks/README.md); the loop otherwise.
+    ``"grouped"`` is refused with a clear error where the experts cannot be grouped."""
+    if implementation == "loop":
+        return False
+    supported = grouped_ffn_supported(experts, tokens)
+    if implementation == "grouped":
+        if not supported:
+            raise ValueError(
+                "moe_experts_implementation='grouped' needs bias-free gated FFN experts whose weights are plain "
+                "tensors of the tokens' dtype (not ZeRO-3 partitions or PEFT layers); use 'auto' or 'loop'."
+            )
+        return True
+    if not supported:
+        return False
+    if tokens.device.type == "cuda":
+        return _compute_dtype(tokens) == torch.bfloat16 and torch.cuda.get_device_capability(tokens.device) >= (8, 0)
+    return tokens.device.type == "cpu" and tokens.shape[0] > 1
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """``x[group e] @ W_e.T`` for every group, ``W_e`` the concatenation (along output rows) of expert ``e``'s
+    ``parts`` weights, in one grouped GEMM, in ``x``'s dtype (weights of another dtype are cast, as autocast
+    casts them for ``F.linear``).
+
+    The experts keep their own parameters (their names and freezing are per expert); the stacked weight is
+    built in forward, not saved (autograd would otherwise keep a copy of every layer's experts until backward),
+    and built again in backward. Each weight gets its own gradient, and none is computed when no weight
+    needs one (router-only training)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, offsets: torch.Tensor, parts: int, *weights: torch.Tensor) -> torch.Tensor:
+        ctx.parts = parts
+        ctx.save_for_backward(x, offsets, *weights)
+        return torch._grouped_mm(x, _stack_weights(weights, parts, x.dtype).transpose(-2, -1), offs=offsets)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        x, offsets, *weights = ctx.saved_tensors
+        grad_output = grad_output.contiguous()
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch._grouped_mm(grad_output, _stack_weights(weights, ctx.parts, x.dtype), offs=offsets)
+        grad_weights = [None] * len(weights)
+        if any(ctx.needs_input_grad[3:]):
+            # [out, tokens] @ [tokens, in] split by the same offsets: one [E, out, in] gradient per expert.
+            grad_stacked = torch._grouped_mm(grad_output.t(), x, offs=offsets)
+            rows = grad_stacked.reshape(-1, grad_stacked.shape[-1]).split([w.shape[0] for w in weights])
+            grad_weights = [
+                g.to(w.dtype) if needed else None for g, w, needed in zip(rows, weights, ctx.needs_input_grad[3:])
+            ]
+        return grad_x, None, None, *grad_weights
+
+
+def _stack_weights(weights: Sequence[torch.Tensor], parts: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[E, sum of parts' rows, in]`` in ``dtype`` from weights listed expert by expert, ``parts`` per expert."""
+    stacked = weights[0].new_empty(sum(w.shape[0] for w in weights), weights[0].shape[1], dtype=dtype)
+    for weight, rows in zip(weights, stacked.split([w.shape[0] for w in weights])):
+        rows.copy_(weight)
+    return stacked.view(len(weights) // parts, -1, stacked.shape[-1])
+
+
+def _grouped_ffn(experts: Sequence[nn.Module], tokens: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Every expert's gated FFN on its group of ``tokens`` (sorted by expert, groups ending at ``offsets``)."""
+    tokens = tokens.to(_compute_dtype(tokens))
+    gate_up = [w for e in experts for w in (e.gate_proj.weight, e.up_proj.weight)]
+    projected = _GroupedLinear.apply(tokens, offsets, 2, *gate_up)
+    gate, up = projected.chunk(2, dim=-1)
+    # All experts share one activation class and its settings (grouped_ffn_supported), so this is each one's.
+    hidden = experts[0].act_fn(gate) * up
+    return _GroupedLinear.apply(hidden, offsets, 1, *(e.down_proj.weight for e in experts))
+
+
+def run_experts(
+    tokens: torch.Tensor,
+    experts: Sequence[nn.Module],
+    weights: torch.Tensor,
+    selected: torch.Tensor,
+    run_idle: bool,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """``sum_slots weight * expert(token)`` for every token, a token's slots added in expert order.
+
+    ``implementation`` (the config's ``moe_experts_implementation``, see ``configuration.EXPERTS_IMPLEMENTATIONS``):
+    grouped, all experts in one grouped GEMM per
+    projection with the group offsets computed on the device (no host sync); or the loop, experts fed their
+    tokens in one batch each after a host sync for the counts. ``run_idle`` (loop only; the grouped path always
+    involves every expert) also runs experts that got no token: under DDP each trainable expert must take part
+    in every step on every rank, or the gradient all-reduce waits for it.
     """
     top_k = selected.shape[-1]
-    if tokens.shape[0] == 1 and not run_idle:
+    grouped = uses_grouped_experts(implementation, experts, tokens)
+    if tokens.shape[0] == 1 and not run_idle and not grouped:
         # Decoding one sequence: call the token's experts directly (no sort, gather or scatter, which cost as
         # much as the expert itself at one token), adding in expert order as the batched path below does.
         expert_ids = selected[0].tolist()
@@ -192,6 +315,8 @@ def run_experts(
             contribution = experts[expert_ids[slot]](tokens) * weights[0, slot].to(tokens.dtype)
             output = contribution if output is None else output + contribution
         return output
+    if grouped:
+        return _run_experts_grouped(tokens, experts, weights, selected)
     flat_experts = selected.reshape(-1)
     order = torch.argsort(flat_experts, stable=True)
     counts = torch.bincount(flat_experts, minlength=len(experts)).tolist()  # the one host sync of the block
@@ -208,6 +333,29 @@ def run_experts(
     return output
 
 
+def _run_experts_grouped(
+    tokens: torch.Tensor, experts: Sequence[nn.Module], weights: torch.Tensor, selected: torch.Tensor
+) -> torch.Tensor:
+    num_tokens, top_k = selected.shape
+    # Each token's slots in expert order, so that the sum below adds them as the loop does (bit for bit).
+    selected, slot_order = selected.sort(dim=-1, stable=True)
+    weights = weights.gather(-1, slot_order)
+    flat_experts = selected.reshape(-1)
+    order = torch.argsort(flat_experts, stable=True)
+    sorted_experts = flat_experts[order]
+    # End of each expert's group among the sorted slots, found on the device.
+    expert_ids = torch.arange(len(experts), device=tokens.device, dtype=sorted_experts.dtype)
+    offsets = torch.searchsorted(sorted_experts, expert_ids, right=True).to(torch.int32)
+    out = _grouped_ffn(experts, tokens[order // top_k], offsets)
+    out = out * weights.reshape(-1)[order].to(tokens.dtype)[:, None]
+    # Back to slot order (token by token), then the slots of each token summed in expert order.
+    slots = out[torch.argsort(order)].view(num_tokens, top_k, -1)
+    output = slots[:, 0]
+    for slot in range(1, top_k):
+        output = output + slots[:, slot]
+    return output
+
+
 def upcycled_expert_tensors(ffn: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
     """Block-relative names -> tensors of the experts upcycled from one dense FFN (``ffn``: its tensors by
     name inside the FFN): expert 0 is the FFN itself, the new experts are independent copies."""
@@ -219,12 +367,21 @@ def upcycled_expert_tensors(ffn: dict[str, torch.Tensor], num_experts: int) -> d
 
 class MoELPRSparseBlock(nn.Module):
     """Upcycled FFN: expert 0 is the original FFN (its own name, so it can be frozen by name),
-    experts 1..N-1 start as its copies; a bias-free linear router picks the top-k per token."""
+    experts 1..N-1 start as its copies; a bias-free linear router picks the top-k per token.
+    ``experts_implementation``: how the experts run (``configuration.EXPERTS_IMPLEMENTATIONS``)."""
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, make_expert: Callable[[], nn.Module]) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        make_expert: Callable[[], nn.Module],
+        experts_implementation: str = "auto",
+    ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
+        self.experts_implementation = experts_implementation
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         self.original_expert = make_expert()
         self.new_experts = nn.ModuleList(make_expert() for _ in range(num_experts - 1))
@@ -246,7 +403,14 @@ class MoELPRSparseBlock(nn.Module):
         tokens = hidden_states.reshape(-1, hidden_size)
         router_logits = self.router(tokens)
         router_probs, weights, selected = route(router_logits, self.top_k)
-        output = run_experts(tokens, self.experts(), weights, selected, run_idle=self.training)
+        output = run_experts(
+            tokens,
+            self.experts(),
+            weights,
+            selected,
+            run_idle=self.training,
+            implementation=self.experts_implementation,
+        )
         output = output.reshape(batch, seq_len, hidden_size)
         return record_routing(output, router_logits, router_probs, selected)
 

@@ -26,12 +26,21 @@ class MoECTBlock(nn.Module):
     """The frozen FFN (``original_expert``, the always-active shared expert), ``num_experts`` routed experts
     (``new_experts``) behind a bias-free top-k router, and the fusion layer ``fusion`` (``W_c``: hidden -> 2,
     with a bias as in DeepSpeed's residual MoE) whose softmax weighs the routed output (index 0) against the
-    frozen FFN's (index 1)."""
+    frozen FFN's (index 1). ``experts_implementation``: how the routed experts run
+    (``configuration.EXPERTS_IMPLEMENTATIONS``)."""
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, make_expert: Callable[[], nn.Module]) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        make_expert: Callable[[], nn.Module],
+        experts_implementation: str = "auto",
+    ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
+        self.experts_implementation = experts_implementation
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         self.original_expert = make_expert()
         self.new_experts = nn.ModuleList(make_expert() for _ in range(num_experts))
@@ -56,7 +65,14 @@ class MoECTBlock(nn.Module):
         tokens = hidden_states.reshape(-1, hidden_size)
         router_logits = self.router(tokens)
         router_probs, weights, selected = route(router_logits, self.top_k)
-        routed = run_experts(tokens, self.new_experts, weights, selected, run_idle=self.training)
+        routed = run_experts(
+            tokens,
+            self.new_experts,
+            weights,
+            selected,
+            run_idle=self.training,
+            implementation=self.experts_implementation,
+        )
         # In float32: the two weights then sum to 1 closely enough that copies of the FFN give back its output.
         fusion = F.softmax(self.fusion(tokens), dim=-1, dtype=torch.float32)
         mixed = fusion[:, :1] * routed.float() + fusion[:, 1:] * self.original_expert(tokens).float()

@@ -1,0 +1,195 @@
+"""The grouped expert computation (one grouped GEMM per projection for all experts of a layer) against the loop
+over experts: same outputs, same gradients, same freeze rules, for every family and both methods."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from tiny_models import FAMILY_FIELDS
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from moelpr.llamafactory_plugin.model import setup_moelpr_tuning
+from moelpr.models import MOE_FAMILIES
+from moelpr.models.configuration import CT, LPR
+from moelpr.models.moe import MoELPRSparseBlock, route, run_experts, uses_grouped_experts
+
+VOCAB = 96
+# (method, stage): MoE-LPR's two stages and MoE-CT's one.
+STAGES = [(LPR, "post_pretrain"), (LPR, "review"), (CT, "post_pretrain")]
+
+
+def _model(family: str, method: str, top_k: int, implementation: str, dtype: torch.dtype = torch.float32):
+    """A tiny random MoE model of ``family`` with different experts (not upcycled copies, which would hide a mix-up),
+    per-layer expert counts and one dense layer, seeded so that every call builds the same weights."""
+    config_class, model_class = MOE_FAMILIES[family]
+    config = config_class(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=3,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        moe_method=method,
+        moe_layers=[0, 2],
+        num_experts=[3, 2],
+        num_experts_per_tok=top_k,
+        router_aux_loss_coef=0.1,
+        lpr_loss_coef=0.5 if method == LPR else 0.0,
+        moe_experts_implementation=implementation,
+        **FAMILY_FIELDS.get(family, {}),
+    )
+    torch.manual_seed(0)
+    model = model_class(config).to(dtype)
+    with torch.no_grad():  # routers that spread tokens over every expert
+        for block in model.moe_blocks():
+            block.router.weight.normal_(std=0.5)
+    return model
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1, VOCAB, (3, 10), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0  # left padding
+    attention_mask[2, 7:] = 0  # right padding
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    lang_mask = torch.zeros_like(input_ids)
+    lang_mask[0] = 1
+    lang_mask[2, :5] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "lang_mask": lang_mask}
+
+
+def _step(model, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    output = model(**batch, output_router_logits=True)
+    output.loss.backward()
+    grads = {name: param.grad for name, param in model.named_parameters()}
+    return output.logits.detach(), output.loss.detach(), grads
+
+
+def _uses_grouped(model, batch) -> list[bool]:
+    tokens = torch.zeros(batch["input_ids"].numel(), model.config.hidden_size, dtype=model.dtype)
+    experts = [b.experts() if hasattr(b, "experts") else b.new_experts for b in model.moe_blocks()]
+    return [uses_grouped_experts(b.experts_implementation, e, tokens) for b, e in zip(model.moe_blocks(), experts)]
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize(("method", "stage"), STAGES)
+@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
+def test_grouped_matches_loop_and_keeps_the_freeze_rules(family, method, stage, top_k):
+    batch = _batch()
+    loop, grouped = _model(family, method, top_k, "loop"), _model(family, method, top_k, "grouped")
+    assert _uses_grouped(loop, batch) == [False, False] and _uses_grouped(grouped, batch) == [True, True]
+    for model in (loop, grouped):
+        setup_moelpr_tuning(model, stage, upcast_trainable=False)
+
+    want_logits, want_loss, want_grads = _step(loop, batch)
+    logits, loss, grads = _step(grouped, batch)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6)
+    # Within 1e-6 of the gradients' scale (a few, like the fusion bias's, are small differences of large terms).
+    scale = max(float(g.abs().max()) for g in want_grads.values() if g is not None)
+    for name, want in want_grads.items():
+        assert (grads[name] is None) == (want is None), name
+        if want is not None:
+            torch.testing.assert_close(grads[name], want, rtol=1e-6, atol=1e-6 * scale, msg=name)
+
+    # Training with the grouped path: every frozen tensor (expert 0 of MoE-LPR, the frozen FFN of MoE-CT, attention,
+    # norms, embeddings) bit for bit, and every trainable one moved.
+    before = {name: param.detach().clone() for name, param in grouped.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in grouped.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        _step(grouped, batch)
+        optimizer.step()
+    for name, param in grouped.named_parameters():
+        if param.requires_grad:
+            assert not torch.equal(param, before[name]), name
+        else:
+            assert torch.equal(param, before[name]), name
+    frozen_expert = "original_expert"
+    assert any(frozen_expert in name and not p.requires_grad for name, p in grouped.named_parameters())
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("method", [LPR, CT])
+@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
+def test_grouped_bf16_is_within_bf16_rounding_of_the_loop(family, method):
+    """In bf16 the two paths round at different places (the grouped one computes gate and up in one GEMM); against a
+    float32 reference, the grouped path's error must be of the size of the loop's own rounding error."""
+    batch = _batch()
+    reference_logits, _, reference_grads = _step(_model(family, method, 2, "loop"), batch)
+    results = {impl: _step(_model(family, method, 2, impl, torch.bfloat16), batch) for impl in ("loop", "grouped")}
+    loop_error = _relative_error(results["loop"][0], reference_logits)
+    assert _relative_error(results["grouped"][0], reference_logits) <= 2 * loop_error + 1e-3
+    for name, reference in reference_grads.items():
+        if reference is None or not reference.any():
+            continue
+        loop_error = _relative_error(results["loop"][2][name], reference)
+        grouped_error = _relative_error(results["grouped"][2][name], reference)
+        assert grouped_error <= 2 * loop_error + 2e-3, (name, grouped_error, loop_error)
+
+
+def _llama_block(implementation: str, top_k: int = 2, **config_fields) -> MoELPRSparseBlock:
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, **config_fields)
+    torch.manual_seed(0)
+    block = MoELPRSparseBlock(32, 4, top_k, lambda: LlamaMLP(config), implementation)
+    with torch.no_grad():
+        block.router.weight.normal_(std=1.0)
+    return block
+
+
+def test_grouped_under_autocast_matches_the_loop():
+    """Mixed precision as the trainer runs it without DeepSpeed: float32 weights, bf16 autocast."""
+    tokens = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(2))
+    results = {}
+    for implementation in ("loop", "grouped"):
+        block = _llama_block(implementation)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert uses_grouped_experts(implementation, block.experts(), tokens.reshape(-1, 32)) == (
+                implementation == "grouped"
+            )
+            output = block(tokens)
+        output.float().square().sum().backward()
+        results[implementation] = output, [p.grad for p in block.parameters()]
+    torch.testing.assert_close(results["grouped"][0], results["loop"][0])
+    for got, want in zip(results["grouped"][1], results["loop"][1]):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-2 * float(want.abs().max()))
+
+
+def test_grouped_path_reads_no_tensor_value_on_the_host():
+    """On the meta device every tensor read on the host (``.item()``, ``.tolist()``, data-dependent shapes) fails,
+    so the grouped forward and backward running there shows they need no host-device sync. (The GPU check,
+    ``torch.cuda.set_sync_debug_mode("error")``, is in benchmarks/gpu_suite.sh; no GPU here.)"""
+    block = _llama_block("grouped").to(device="meta", dtype=torch.bfloat16)
+    tokens = torch.empty(9, 32, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    _, weights, selected = route(block.router(tokens), 2)
+    output = run_experts(tokens, block.experts(), weights, selected, run_idle=True, implementation="grouped")
+    output.sum().backward()
+    assert tokens.grad.shape == tokens.shape and block.new_experts[0].down_proj.weight.grad.is_meta
+    loop = _llama_block("loop").to(device="meta", dtype=torch.bfloat16)
+    with pytest.raises((RuntimeError, NotImplementedError)):  # the loop's bincount().tolist() is such a read
+        run_experts(tokens, loop.experts(), weights, selected, run_idle=True, implementation="loop")
+
+
+def test_experts_that_cannot_be_grouped_run_the_loop_on_auto_and_refuse_grouped():
+    tokens = torch.randn(5, 32)
+    with_bias = _llama_block("auto", mlp_bias=True)
+    assert not uses_grouped_experts("auto", with_bias.experts(), tokens)
+    assert uses_grouped_experts("auto", _llama_block("auto").experts(), tokens)  # CPU, several tokens
+    with pytest.raises(ValueError, match="moe_experts_implementation='grouped' needs bias-free"):
+        uses_grouped_experts("grouped", with_bias.experts(), tokens)
+
+
+def test_unknown_experts_implementation_is_refused():
+    config_class, _ = MOE_FAMILIES["llama"]
+    with pytest.raises(StrictDataclassClassValidationError, match="moe_experts_implementation must be one of"):
+        config_class(num_hidden_layers=2, moe_experts_implementation="fast")
