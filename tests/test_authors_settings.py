@@ -18,8 +18,15 @@ from test_corpora import GREEK, HUNGARIAN, help_corpus_tree, read_jsonl
 from transformers import AutoModelForCausalLM
 
 import moelpr.llamafactory_plugin as plugin
-from moelpr.corpora import UNSEEN, CorpusOptions, build_corpora, dataset_entries, general_english_corpus, help_corpus
-from moelpr.corpora import is_heldout
+from moelpr.corpora import (
+    UNSEEN,
+    CorpusOptions,
+    build_corpora,
+    dataset_entries,
+    general_english_corpus,
+    help_corpus,
+    is_heldout,
+)
 from moelpr.corpora.cli import main as corpora_main
 from moelpr.models.moe import lpr_loss
 from moelpr.upcycling.upcycle import main as upcycle_main

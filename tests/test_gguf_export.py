@@ -20,7 +20,6 @@ from moelpr.export.transformers_moe import main
 from moelpr.gguf.convert import convert_gguf, smollm2_gguf_path
 from moelpr.upcycling.upcycle import upcycle
 
-
 # Tolerances on next-token log-probabilities (nats), per output type. f32 GGUF: the same float32 weights; only the
 # summation order and llama.cpp's own softmax / RoPE / RMSNorm kernels differ (measured: 8.6e-5 on the tiny LLaMA,
 # the first look 1.1e-3). f16 and bf16 round every weight matrix (relative 2^-11 and 2^-8) and llama.cpp

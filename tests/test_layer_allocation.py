@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tiny_models import TOKENIZER_TEXT
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from moelpr.models import MOE_FAMILIES
 from moelpr.upcycling.layer_allocation import (
     ALLOCATION_FILE,
     AllocationError,
@@ -25,7 +26,6 @@ from moelpr.upcycling.layer_allocation import (
     parse_auto_budget,
     read_corpora,
 )
-from moelpr.models import MOE_FAMILIES
 
 # LayerMoE's released allocation for Llama-3.2-3B, old en/es/zh + new el/hu/tr (github.com/XZhang00/LayerMoE,
 # similarity/llama3.2-3B-G1.xlsx): per layer, the mean of the new-new and new-old mean cosine similarities

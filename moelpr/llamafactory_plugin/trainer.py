@@ -17,7 +17,6 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from moelpr.checkpoints.slim import MOE_BASE, is_slim_checkpoint, resolve_base, write_reference
 from moelpr.checkpoints.streaming import CheckpointReader
-
 from moelpr.models import fusion_stats, routing_stats
 from moelpr.models.configuration import CT
 from moelpr.models.modeling import micro_batch_share

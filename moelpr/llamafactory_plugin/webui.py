@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 from llamafactory.extras import logging
 
-from .hparams import MOELPR, POST_PRETRAIN, REVIEW, MoELPRArgumentError, DEFAULT_AUX_LOSS_COEF, DEFAULT_LPR_LOSS_COEF
+from .hparams import DEFAULT_AUX_LOSS_COEF, DEFAULT_LPR_LOSS_COEF, MOELPR, POST_PRETRAIN, REVIEW, MoELPRArgumentError
 
 logger = logging.get_logger(__name__)
 

@@ -13,7 +13,6 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..checkpoints.slim import ComposedCheckpoint, is_slim_checkpoint
-
 from .configuration import CT
 from .moe import (
     ROUTING_KWARG,

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..checkpoints.slim import DENSE_BASE, write_reference
 from ..checkpoints.streaming import (
     DEFAULT_MAX_SHARD_SIZE,
     SAFE_WEIGHTS_INDEX_NAME,
@@ -39,7 +40,8 @@ from ..checkpoints.streaming import (
     parse_size,
     staged_directory,
 )
-from ..checkpoints.slim import DENSE_BASE, write_reference
+from ..models import MOE_FAMILIES
+from ..models.configuration import CT, DEFAULT_EXPERTS, METHOD_NAMES
 from .layer_allocation import (
     DEFAULT_MAX_TOKENS,
     AllocationError,
@@ -49,8 +51,6 @@ from .layer_allocation import (
     split_paths,
     write_allocation,
 )
-from ..models import MOE_FAMILIES
-from ..models.configuration import CT, DEFAULT_EXPERTS, METHOD_NAMES
 
 logger = logging.getLogger(__name__)
 
