@@ -12,6 +12,7 @@ import llama_cpp  # requirements.txt pins llama-cpp-python (built from its sdist
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from test_export import _make_routing_matter
 from tiny_models import save_dense_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -21,12 +22,13 @@ from moelpr.gguf.convert import convert_gguf, smollm2_gguf_path
 from moelpr.upcycling.upcycle import upcycle
 
 # Tolerances on next-token log-probabilities (nats), per output type. f32 GGUF: the same float32 weights; only the
-# summation order and llama.cpp's own softmax / RoPE / RMSNorm kernels differ (measured: 8.6e-5 on the tiny LLaMA,
-# the issue's first look 1.1e-3). f16 and bf16 round every weight matrix (relative 2^-11 and 2^-8) and llama.cpp
-# rounds the activations of their products alike (measured f16: 6.3e-4 on the tiny LLaMA); q8_0 rounds each weight
-# to 8 bits per block of 32 and the activations of its products too; q4_k_m keeps 4-6 bits per weight. The tiny
-# models' near-uniform distributions move little under rounding; SmolLM2's peaked ones move more (figures in
-# docs/export.md). Each bound leaves room above the largest value measured.
+# summation order and llama.cpp's own softmax / RoPE / RMSNorm kernels differ (measured: 8.6e-5 on the tiny LLaMA
+# with llama.cpp's default f16 KV cache, 3.0e-5 on the upcycled SmolLM2 with the f32 cache used here). f16 and bf16
+# round every weight matrix (relative 2^-11 and 2^-8) and llama.cpp rounds the activations of their products alike
+# (measured f16: 6.3e-4 on the tiny LLaMA); q8_0 rounds each weight to 8 bits per block of 32 and the activations of
+# its products too; q4_k_m keeps 4-6 bits per weight. The tiny models' near-uniform distributions move little under
+# rounding; SmolLM2's peaked ones move more (figures in docs/export.md). Each bound leaves room above the largest
+# value measured.
 TOLERANCE = {"f32": 2e-3, "f16": 2e-2, "bf16": 0.15, "q8_0": 0.5, "q4_k_m": 1.5}
 
 TEXT = (
@@ -76,9 +78,11 @@ def _gguf(source, root, outtype):
 
 
 def _llama_cpp_log_probs(gguf_path, sequences):
-    """llama.cpp's next-token log-probs at every position of each token sequence (one load of the GGUF)."""
+    """llama.cpp's next-token log-probs at every position of each token sequence (one load of the GGUF). The KV cache
+    is float32, so that only the file's weight format is measured: llama.cpp's default f16 cache alone moves
+    SmolLM2's log-probs by about 1e-2 (docs/export.md)."""
     engine = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=512, n_batch=512, logits_all=True, n_threads=2,
-                             verbose=False)
+                             type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
     results = []
     for ids in sequences:
         engine.reset()
@@ -139,19 +143,24 @@ def test_llama_cpp_computes_the_tiny_models_log_probs(tiny_results, case):
         assert result["max_diff"] <= TOLERANCE[outtype], (case, outtype, result)
 
 
-@pytest.mark.xfail(strict=True, reason="open: on 2026-11-30 llama.cpp's first greedy token (f32 GGUF) differed from "
-                   "transformers' (364 against 1672) with a top-two margin above the tolerance; not yet explained")
 def test_llama_cpp_computes_an_upcycled_smollm2(smollm2_dir, tmp_path):
-    """SmolLM2-135M upcycled (4 experts, top-2, every second layer), routers randomised and new experts perturbed
-    in place of training, exported as f32 and q8_0."""
+    """SmolLM2-135M upcycled (4 experts, top-2, every second layer; the upcycler's routers) with every new-expert
+    tensor perturbed by 0.05 of its standard deviation in place of training, exported as f32 and q8_0. The tiny
+    models' perturbation (test_export.py: routers x2, noise of a whole standard deviation) saturates a real model's
+    routers and turns its 30 layers into a chaotic function, which amplifies float32 rounding past any tolerance."""
     moe = upcycle(smollm2_dir, tmp_path / "moelpr", num_experts=4, top_k=2, moe_layers="every:2")
-    _make_routing_matter(moe, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    tensors = load_file(moe / "model.safetensors")
+    for name, tensor in tensors.items():
+        if ".mlp.new_experts." in name:
+            tensors[name] = tensor + torch.randn(tensor.shape, generator=generator) * tensor.std() * 0.05
+    save_file(tensors, moe / "model.safetensors", metadata={"format": "pt"})
     ggufs = {outtype: _gguf(moe, tmp_path, outtype) for outtype in ("f32", "q8_0")}
     results = _compare(moe, ggufs)
     print("smollm2", results)
     for outtype, result in results.items():
         assert result["max_diff"] <= TOLERANCE[outtype], (outtype, result)
-    assert results["f32"]["greedy_steps_agreed"] >= 4  # a real model's top two are rarely within 1e-2 of each other
+    assert results["f32"]["greedy_steps_agreed"] >= 4  # a real model's top two are rarely within 4e-3 of each other
 
 
 REFUSALS = {
