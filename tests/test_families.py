@@ -13,7 +13,7 @@ from llamafactory_cli import REPO, train
 from test_plugin_e2e import changed, routing_log, weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moelpr.checkpoints.streaming import CheckpointReader
+from moelpr.checkpoints.slim import ComposedCheckpoint
 from moelpr.evaluation.cli import main as eval_main
 from moelpr.export.transformers_moe import NO_STANDARD_FORMAT
 from moelpr.export.transformers_moe import main as export_main
@@ -85,8 +85,9 @@ def test_per_layer_moe_trains_both_stages_evaluates_and_exports_or_refuses(famil
 
 
 def _changed_tensors(before_dir: Path, after_dir: Path) -> set[str]:
-    """Names of the tensors that differ between two checkpoints, read one tensor at a time (a 1.6 GB model)."""
-    with CheckpointReader(before_dir) as before, CheckpointReader(after_dir) as after:
+    """Names of the tensors that differ between two checkpoints, read one tensor at a time (a 1.6 GB model); stage
+    outputs are slim, composed with their bases."""
+    with ComposedCheckpoint(before_dir) as before, ComposedCheckpoint(after_dir) as after:
         assert sorted(before.names()) == sorted(after.names())
         return {name for name in before.names() if not torch.equal(before.get(name), after.get(name))}
 
