@@ -402,3 +402,14 @@ def test_report_header_says_paired_only_when_the_models_saw_the_same_documents()
         _with_intervals(results, ["hu"])
         assert results["model"]["languages"]["hu"]["change_vs_baseline"]["paired"] == (ids == same)
         assert header in _perplexity_markdown(results, ["hu"], set(), settings)
+
+
+def test_mean_change_interval_is_finite_when_a_language_has_pages_of_its_own():
+    """General English (fortunes) shares no page with the help pages; a joint draw that misses its only document
+    averages over the languages it holds instead of turning the interval into NaN."""
+    from moelpr.evaluation.intervals import mean_change_interval
+
+    one_page = (([10.0], [5], ["page"]), ([9.0], [5], ["page"]))
+    fortunes = (([3.0, 4.0, 5.0], [2, 2, 2], ["f1", "f2", "f3"]), ([3.3, 4.1, 5.2], [2, 2, 2], ["f1", "f2", "f3"]))
+    point, low, high = mean_change_interval([one_page, fortunes])
+    assert math.isfinite(low) and math.isfinite(high) and low <= point <= high

@@ -124,14 +124,17 @@ def mean_change_interval(
 ) -> tuple[float, float, float]:
     """Mean over languages of the relative change ``ppl(other) / ppl(base) - 1``, with its interval; one
     ``(base, other)`` pair per language, both on the same documents (checked), documents drawn jointly across
-    languages by id. Returns ``(mean, low, high)``."""
+    languages by id. A draw that holds none of a language's documents (its pages are not the others', as general
+    English's are not the help pages) averages over the languages it holds. Returns ``(mean, low, high)``."""
     for index, (base, other) in enumerate(pairs):
         require_same_documents(base, other, what=f"models of language #{index + 1}")
     counts = joint_counts([base for base, _ in pairs], samples, seed)
-    drawn = [np.expm1(_log_perplexities(other, c) - _log_perplexities(base, c))
-             for (base, other), c in zip(pairs, counts)]
+    with np.errstate(invalid="ignore"):  # 0/0 where a draw holds none of a language's documents
+        drawn = np.stack([np.expm1(_log_perplexities(other, c) - _log_perplexities(base, c))
+                          for (base, other), c in zip(pairs, counts)])
     point = np.mean([np.expm1(_log_perplexity(other) - _log_perplexity(base)) for base, other in pairs])
-    low, high = _bounds(np.mean(drawn, axis=0), level)
+    # Every draw holds some language's documents (each id drawn belongs to one), so no column is all NaN.
+    low, high = _bounds(np.nanmean(drawn, axis=0), level)
     return float(point), low, high
 
 
