@@ -14,12 +14,13 @@ import sys
 
 import torch
 
-from moelpr.checkpoints.streaming import CheckpointReader
+from moelpr.checkpoints.slim import ComposedCheckpoint
 
 
 def changed_tensors(before_dir: str, after_dir: str) -> tuple[set[str], list[str]]:
-    """Names whose tensors differ (values or dtype), and problems (tensors present in only one checkpoint)."""
-    before, after = CheckpointReader(before_dir), CheckpointReader(after_dir)
+    """Names whose tensors differ (values or dtype), and problems (tensors present in only one checkpoint). Stage
+    outputs are slim: each is composed with the checkpoints it references."""
+    before, after = ComposedCheckpoint(before_dir), ComposedCheckpoint(after_dir)
     problems = [f"{name}: in only one of the two checkpoints" for name in set(before.names()) ^ set(after.names())]
     changed = set()
     for name in before.names():
@@ -37,7 +38,7 @@ def main() -> None:
     parser.add_argument("--stage2", required=True)
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
-    routers = {name for name in CheckpointReader(args.upcycled).names() if ".mlp.router." in name}
+    routers = {name for name in ComposedCheckpoint(args.upcycled).names() if ".mlp.router." in name}
     stage1, problems1 = changed_tensors(args.upcycled, args.stage1)
     stage2, problems2 = changed_tensors(args.stage1, args.stage2)
     problems = problems1 + problems2
