@@ -14,13 +14,11 @@ import shutil
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from llamafactory_cli import CLI, REPO
-from safetensors.torch import load_file
+from test_plugin_e2e import changed, weights
 
 from moelpr.llamafactory_plugin.webui import RECIPE_COMMON, RECIPE_FIELDS, RECIPE_LANG_MASK
 
@@ -229,15 +227,6 @@ def set_small_run(board: Board) -> None:
     board.open("Extra configurations")
     extra = {"optim": "adamw_torch", "max_steps": 2, "logging_steps": 1, "learning_rate": 1e-2}
     board.type("Extra arguments", json.dumps(extra | {"preprocessing_num_workers": 1, "seed": 7}))
-
-
-def weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(model_dir / "model.safetensors")
-
-
-def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
-    assert before.keys() == after.keys()
-    return {k for k in before if not torch.equal(before[k], after[k])}
 
 
 def test_both_stages_and_an_error_from_the_web_ui(upcycled_llama_dir, webui, browser):
