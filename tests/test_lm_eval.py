@@ -43,8 +43,18 @@ def _mixtral_export(stage_outputs: dict[str, Path]) -> Path:
     return out if (out / "config.json").is_file() else export(stage_outputs["stage2"], out)
 
 
+def _merged_whole(stage_outputs: dict[str, Path]) -> Path:
+    """The slim stage-2 output (routers and a reference) written whole by ``moelpr merge``."""
+    from moelpr.checkpoints.merge import merge
+
+    out = stage_outputs["tmp"] / "stage2_whole_for_lm_eval"
+    return out if (out / "config.json").is_file() else merge(stage_outputs["stage2"], out)
+
+
+# "native" is the slim stage-2 output and "merged_whole" the same model whole: both must give these numbers.
 EVALUATED: dict[str, Callable[[dict[str, Path]], Path]] = {
     "native": lambda stage_outputs: stage_outputs["stage2"],
+    "merged_whole": _merged_whole,
     "mixtral_export": _mixtral_export,
 }
 
