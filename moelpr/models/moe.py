@@ -214,8 +214,9 @@ def grouped_ffn_supported(experts: Sequence[nn.Module], tokens: torch.Tensor) ->
 
 
 def uses_grouped_experts(implementation: str, experts: Sequence[nn.Module], tokens: torch.Tensor) -> bool:
-    """``"auto"``: grouped on CUDA in bf16 (what ``torch._grouped_mm`` supports there, SM 8.0 and newer) and on the
-    CPU for batches of tokens (measured faster there in bf16 and float32, benchmarks/README.md); the loop otherwise.
+    """``"auto"``: grouped on CUDA in bf16 (what ``torch._grouped_mm`` supports there, SM 8.0 and newer); the loop
+    otherwise, the CPU included, where whole training steps measured slower grouped than looped in bf16 and float32
+    (stacking the weights costs more than the per-expert calls it saves; benchmarks/README.md).
     ``"grouped"`` is refused with a clear error where the experts cannot be grouped."""
     if implementation == "loop":
         return False
@@ -229,9 +230,11 @@ def uses_grouped_experts(implementation: str, experts: Sequence[nn.Module], toke
         return True
     if not supported:
         return False
-    if tokens.device.type == "cuda":
-        return _compute_dtype(tokens) == torch.bfloat16 and torch.cuda.get_device_capability(tokens.device) >= (8, 0)
-    return tokens.device.type == "cpu" and tokens.shape[0] > 1
+    return (
+        tokens.device.type == "cuda"
+        and _compute_dtype(tokens) == torch.bfloat16
+        and torch.cuda.get_device_capability(tokens.device) >= (8, 0)
+    )
 
 
 class _GroupedLinear(torch.autograd.Function):
