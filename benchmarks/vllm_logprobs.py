@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -51,8 +52,11 @@ def post_json(url: str, payload: dict, timeout: float) -> dict:
 
 
 def served_model_name(url: str) -> str:
-    with urllib.request.urlopen(f"{url}/v1/models", timeout=60) as response:
-        return json.load(response)["data"][0]["id"]
+    try:
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=60) as response:
+            return json.load(response)["data"][0]["id"]
+    except urllib.error.URLError as error:
+        raise SystemExit(f"no vLLM server answers at {url} ({error.reason}); start it first (see --help)") from None
 
 
 def heldout_ids(tokenizer, path: Path, window: int) -> list[int]:
@@ -86,9 +90,9 @@ def vllm_greedy(url: str, model: str, ids: list[int], new_tokens: int, timeout: 
 @torch.inference_mode()
 def compare(model_path: Path, url: str, texts: dict[str, Path], window: int, prompt: str, new_tokens: int,
             timeout: float) -> dict:
+    served = served_model_name(url)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    served = served_model_name(url)
     report: dict = {"model_path": str(model_path), "served_model": served, "languages": {}}
     all_diffs: list[float] = []
     for lang, path in texts.items():
@@ -130,7 +134,7 @@ def compare(model_path: Path, url: str, texts: dict[str, Path], window: int, pro
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", type=Path, required=True, help="the checkpoint vllm serve was started on")
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="vllm serve's address")
     parser.add_argument("--heldout", action="append", default=[], metavar="LANG=FILE",
