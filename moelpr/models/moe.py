@@ -318,45 +318,59 @@ def run_experts(
             contribution = experts[expert_ids[slot]](tokens) * weights[0, slot].to(tokens.dtype)
             output = contribution if output is None else output + contribution
         return output
+    order, inverse, sorted_experts, slot_weights = _slot_order(weights, selected)
+    num_tokens, hidden_size = tokens.shape
+    # Each slot's token in expert order: a broadcast (its gradient a sum over the k copies) and a permutation
+    # (its gradient the inverse permutation), so neither direction scatter-adds (slow on the CPU, above all in bf16).
+    copies = tokens.unsqueeze(1).expand(num_tokens, top_k, hidden_size).reshape(-1, hidden_size)
+    sorted_tokens = _Permute.apply(copies, order, inverse)
     if grouped:
-        return _run_experts_grouped(tokens, experts, weights, selected)
-    flat_experts = selected.reshape(-1)
-    order = torch.argsort(flat_experts, stable=True)
-    counts = torch.bincount(flat_experts, minlength=len(experts)).tolist()  # the one host sync of the block
-    token_of_slot = order // top_k
-    slot_weights = weights.reshape(-1)[order].to(tokens.dtype)
-    output = torch.zeros_like(tokens)
-    start = 0
-    for expert, count in zip(experts, counts):
-        if count or run_idle:
-            end = start + count
-            token_idx = token_of_slot[start:end]
-            output.index_add_(0, token_idx, expert(tokens[token_idx]) * slot_weights[start:end, None])
-        start += count
-    return output
-
-
-def _run_experts_grouped(
-    tokens: torch.Tensor, experts: Sequence[nn.Module], weights: torch.Tensor, selected: torch.Tensor
-) -> torch.Tensor:
-    num_tokens, top_k = selected.shape
-    # Each token's slots in expert order, so that the sum below adds them as the loop does (bit for bit).
-    selected, slot_order = selected.sort(dim=-1, stable=True)
-    weights = weights.gather(-1, slot_order)
-    flat_experts = selected.reshape(-1)
-    order = torch.argsort(flat_experts, stable=True)
-    sorted_experts = flat_experts[order]
-    # End of each expert's group among the sorted slots, found on the device.
-    expert_ids = torch.arange(len(experts), device=tokens.device, dtype=sorted_experts.dtype)
-    offsets = torch.searchsorted(sorted_experts, expert_ids, right=True).to(torch.int32)
-    out = _grouped_ffn(experts, tokens[order // top_k], offsets)
-    out = out * weights.reshape(-1)[order].to(tokens.dtype)[:, None]
-    # Back to slot order (token by token), then the slots of each token summed in expert order.
-    slots = out[torch.argsort(order)].view(num_tokens, top_k, -1)
+        expert_ids = torch.arange(len(experts), device=tokens.device, dtype=sorted_experts.dtype)
+        # End of each expert's group among the sorted slots, found on the device.
+        offsets = torch.searchsorted(sorted_experts, expert_ids, right=True).to(torch.int32)
+        sorted_out = _grouped_ffn(experts, sorted_tokens, offsets)
+    else:
+        counts = torch.bincount(sorted_experts, minlength=len(experts)).tolist()  # the one host sync of the block
+        parts = [expert(part) for expert, part, count in zip(experts, sorted_tokens.split(counts), counts)
+                 if count or run_idle]
+        sorted_out = torch.cat(parts) if parts else sorted_tokens  # no part: no token either
+    sorted_out = sorted_out * slot_weights[:, None].to(tokens.dtype)
+    # Back to slot order (token by token), then each token's slots summed in expert order.
+    slots = _Permute.apply(sorted_out, inverse, order).view(num_tokens, top_k, -1)
     output = slots[:, 0]
     for slot in range(1, top_k):
         output = output + slots[:, slot]
     return output
+
+
+class _Permute(torch.autograd.Function):
+    """``x[order]`` for a permutation ``order`` whose inverse is ``inverse``: the gradient is ``grad[inverse]``, a
+    gather, where autograd's own gradient of indexing would scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad_output.index_select(0, inverse), None, None
+
+
+def _slot_order(
+    weights: torch.Tensor, selected: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The token slots (token by token) sorted by expert: the permutation, its inverse, the expert of each sorted
+    slot and the sorted slots' weights. Each token's slots are put in expert order first, so that the sum over a
+    token's slots adds its experts in the same order whichever path ran them."""
+    selected, slot_order = selected.sort(dim=-1, stable=True)
+    weights = weights.gather(-1, slot_order)
+    flat_experts = selected.reshape(-1)
+    order = torch.argsort(flat_experts, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return order, inverse, flat_experts[order], weights.reshape(-1)[order]
 
 
 def upcycled_expert_tensors(ffn: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
