@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from step_time import DTYPES, TRAINABLE  # noqa: E402  (benchmarks/ is the script's directory)
+from step_time import DTYPES, TRAINABLE, trainer_adamw  # noqa: E402  (benchmarks/ is the script's directory)
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
 
@@ -33,7 +33,7 @@ def main() -> None:
     trainable = TRAINABLE[args.stage]
     for name, param in model.named_parameters():
         param.requires_grad_(trainable is None or any(f".{m}." in name for m in trainable))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = trainer_adamw([p for p in model.parameters() if p.requires_grad])
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator)
 

@@ -37,6 +37,13 @@ TRAINABLE = {
 DTYPES = {"bf16": torch.bfloat16, "float32": torch.float32}
 
 
+def trainer_adamw(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer LLaMA-Factory's runs get: the Trainer's default ``optim`` is ``adamw_torch_fused``, one fused
+    kernel per step on the CPU as on CUDA (the unfused loop costs a stage-1 step, whose trainable set is 1.8x the
+    dense model's, about a quarter of its time in bf16)."""
+    return torch.optim.AdamW(params, lr=1e-5, fused=True)
+
+
 @dataclass
 class Run:
     """One configuration: a model, what trains, how its experts run; its optimizer is made on first use."""
@@ -54,7 +61,7 @@ class Run:
         trainable_names = self.prepare()
         if self.optimizer is None:
             params = [p for name, p in self.model.named_parameters() if name in trainable_names]
-            self.optimizer = torch.optim.AdamW(params, lr=1e-5)
+            self.optimizer = trainer_adamw(params)
         cuda = input_ids.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
