@@ -58,10 +58,13 @@ if [ "$QUICK" = 1 ]; then
     WORK=${MOELPR_DEMO_DIR:-work/$NAME-quick}
     CORPUS_ARGS=(--max_documents 120 --max_train_chars 60000)
     STAGE1_STEPS=2; STAGE2_STEPS=2; MAX_SAMPLES=40; REPLAY_SAMPLES=10; LOGGING_STEPS=1; EVAL_TOKENS=512
+    BENCH_ARGS=(--limit 2 --max_gen_toks 8)
 else
     WORK=${MOELPR_DEMO_DIR:-work/$NAME}
     CORPUS_ARGS=()
     STAGE1_STEPS=60; STAGE2_STEPS=20; MAX_SAMPLES=1000; REPLAY_SAMPLES=100; LOGGING_STEPS=5; EVAL_TOKENS=4096
+    # Every completion item; translation items are greedy generations, the slow part on a CPU: the first 100.
+    BENCH_ARGS=(--limit 100)
     # The comparison's cells must resolve differences of a few percent: 4x the demo's evaluated tokens.
     [ "$COMPARE" = 1 ] && EVAL_TOKENS=16384
 fi
@@ -80,12 +83,12 @@ if [ -z "${MOELPR_DEMO_BF16:-}" ]; then
     if grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then MOELPR_DEMO_BF16=true; else MOELPR_DEMO_BF16=false; fi
 fi
 EVAL_DTYPE=()
-[ "$MOELPR_DEMO_BF16" = true ] && EVAL_DTYPE=(--bf16)
+[ "$MOELPR_DEMO_BF16" = true ] && EVAL_DTYPE=(--bf16) && BENCH_ARGS+=(--dtype bfloat16)
 
 START=$SECONDS
 STEP=0
-TOTAL_STEPS=10
-[ "$COMPARE" = 1 ] && TOTAL_STEPS=$((15 + SEEDS - 1))
+TOTAL_STEPS=11
+[ "$COMPARE" = 1 ] && TOTAL_STEPS=$((16 + SEEDS - 1))
 step() {
     STEP=$((STEP + 1))
     printf '\n[demo %d/%d, %dm%02ds] %s\n' "$STEP" "$TOTAL_STEPS" $(((SECONDS - START) / 60)) $(((SECONDS - START) % 60)) "$*"
@@ -111,7 +114,8 @@ python -m moelpr.gguf.convert --model "$BASE" --output_dir "$BASE_MODEL"
 
 step "Corpora: LibreOffice help (hu, tr, el new; en old${UNSEEN:+; $UNSEEN unseen}) and fortunes (general English) from Debian packages"
 [ -n "$UNSEEN" ] && CORPUS_ARGS+=(--unseen "$UNSEEN")
-moelpr corpora --output_dir "$CORPORA" --cache_dir "$CACHE/debian" --new hu,tr,el --old en "${CORPUS_ARGS[@]}"
+moelpr corpora --output_dir "$CORPORA" --cache_dir "$CACHE/debian" --new hu,tr,el --old en --lm_eval_tasks \
+    "${CORPUS_ARGS[@]}"
 
 step "Upcycle: 4 experts, top-2 (expert 0 = the original FFN)"
 if [ -f "$UPCYCLED/config.json" ]; then skip "$UPCYCLED"; else
@@ -206,6 +210,15 @@ if [ "$stale" = 0 ]; then skip "$EVAL"; else
         "${EVAL_DTYPE[@]}" --output_dir "$EVAL" 2>&1 | tee "$LOGS/eval.log"
 fi
 
+step "Accuracy: completion and translation of held-out help pages (moelpr bench), the first training seed's models"
+# Each model's scores are kept as it finishes, so a second call only scores what is new or retrained.
+args=(--baseline "$BASE_MODEL")
+for model in "${MODELS[@]}"; do
+    case "${model%%=*}" in base|*_seed*) ;; *) args+=(--model_path "$model") ;; esac
+done
+moelpr bench "${args[@]}" --new hu,tr,el --old en --benchmarks helppages --helppage_tasks "$CORPORA/lm_eval_tasks" \
+    --batch_size 16 "${BENCH_ARGS[@]}" --output_dir "$WORK/bench" 2>&1 | tee "$LOGS/bench.log"
+
 if [ "$COMPARE" = 1 ]; then
     step "Comparison: one table with intervals, one trade-off picture"
     python - "$SAVES" "$LOGS" "$WORK/methods.json" "$SEEDS" <<'PY'
@@ -227,11 +240,12 @@ spec = {"base": "base", "reference": "full_ft", "methods": [
     for name, label, runs in methods]}
 open(out, "w").write(json.dumps(spec, indent=2) + "\n")
 PY
-    python -m moelpr.evaluation.comparison --eval_dir "$EVAL" --methods "$WORK/methods.json" \
+    python -m moelpr.evaluation.comparison --eval_dir "$EVAL" --methods "$WORK/methods.json" --bench "$WORK/bench" \
         --output_dir "$WORK/comparison" 2>&1 | tee "$LOGS/comparison.log"
 fi
 
 step "Done in $(((SECONDS - START) / 60))m$(printf %02d $(((SECONDS - START) % 60)))s"
 cat "$EVAL/perplexity.md"
 [ "$COMPARE" = 1 ] && echo "Comparison: $WORK/comparison/comparison.md, $WORK/comparison/tradeoff.png"
-echo "Report: $EVAL/perplexity.md, $EVAL/routing_heatmap.png, $EVAL/loss_curves.png (JSON beside them); logs in $LOGS"
+echo "Report: $EVAL/perplexity.md, $EVAL/routing_heatmap.png, $EVAL/loss_curves.png (JSON beside them);" \
+    "accuracy: $WORK/bench/bench.md; logs in $LOGS"

@@ -211,8 +211,37 @@ def test_bench_writes_the_papers_layout(tiny_llama_dir, helppage_tasks, tmp_path
     assert matplotlib.image.imread(out / "bench.png").shape[0] > 300
 
 
+def test_bench_of_several_named_models_reuses_finished_models_scores(tiny_llama_dir, helppage_tasks, tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["--baseline", str(tiny_llama_dir), "--model_path", f"first={tiny_llama_dir}", "--model_path",
+            f"second={tiny_llama_dir}", "--new", "hu", "--old", "en", "--benchmarks", "helppages",
+            "--helppage_tasks", str(helppage_tasks[0]), "--output_dir", str(out), "--limit", "2", "--max_gen_toks", "4"]
+    assert bench_main(argv) == 0
+    assert "FLORES" not in capsys.readouterr().err  # not asked for, so not reported missing either
+    report = json.loads((out / "bench.json").read_text())
+    assert list(report["models"]) == ["baseline", "first", "second"]
+    assert set(report["benchmarks"]) == {"help_completion", "help_x_en", "help_en_x"}
+    assert report["scores"]["first"] == report["scores"]["baseline"]  # the same checkpoint, scored the same
+
+    # A second run takes a finished model's kept scores (marked here) while its settings are the same...
+    kept = out / "scores" / "first.json"
+    marked = json.loads(kept.read_text())
+    marked["scores"]["help_completion"]["hu"] = -1.0
+    kept.write_text(json.dumps(marked))
+    assert bench_main(argv) == 0
+    assert json.loads((out / "bench.json").read_text())["scores"]["first"]["help_completion"]["hu"] == -1.0
+    # ... and scores it again when they differ (here the checkpoint's path).
+    alias = tmp_path / "alias"
+    alias.symlink_to(tiny_llama_dir)
+    assert bench_main([arg.replace(f"first={tiny_llama_dir}", f"first={alias}") for arg in argv]) == 0
+    assert json.loads((out / "bench.json").read_text())["scores"]["first"]["help_completion"]["hu"] >= 0
+
+
 def test_bench_rejects_mistakes_in_one_line(tiny_llama_dir, tmp_path, capsys):
     cases = [
+        (["--model_path", f"a={tiny_llama_dir}", "--model_path", f"a={tiny_llama_dir}"], "the name a is given twice"),
+        (["--model_path", str(tiny_llama_dir), "--benchmarks", "paper,mmlu"], "--benchmarks: choose from"),
+        (["--model_path", str(tiny_llama_dir), "--benchmarks", "helppages"], "needs --helppage_tasks"),
         (["--model_path", str(tmp_path / "none")], "is not a checkpoint directory"),
         (["--model_path", str(tiny_llama_dir), "--new", "hu,en"], "en is given as both new and old"),
         (["--model_path", str(tiny_llama_dir), "--flores_dir", str(tmp_path / "nope")], "directory not found"),

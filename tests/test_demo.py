@@ -50,6 +50,14 @@ def test_quick_comparison_writes_a_complete_report(tmp_path):
     assert (work / "comparison" / "tradeoff.png").is_file() and "| MoE-LPR |" in (
         work / "comparison" / "comparison.md"
     ).read_text()
+    # Accuracy on the held-out help pages: every model of the first seed beside the base, in the comparison too.
+    bench = json.loads((work / "bench" / "bench.json").read_text())
+    assert list(bench["models"]) == ["baseline", *MODELS[1:]]
+    assert set(bench["benchmarks"]) == {"help_completion", "help_x_en", "help_en_x"}
+    for row in comparison["methods"]:
+        for key, groups in row["accuracy"].items():
+            assert groups == {g: bench["models"][row["name"]]["benchmarks"][key][g] for g in ("expanded", "original")}
+    assert "Accuracy (`moelpr bench`" in (work / "comparison" / "comparison.md").read_text()
     moect_log = [json.loads(line) for line in (work / "saves" / "moect" / "trainer_log.jsonl").read_text().splitlines()]
     assert all("ffn_fusion_weight" in entry for entry in moect_log if "loss" in entry)
 
@@ -59,3 +67,4 @@ def test_quick_comparison_writes_a_complete_report(tmp_path):
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "llamafactory-cli" not in again.stdout and again.stdout.count("exists, skipping") >= 12
+    assert again.stdout.count("scores of an earlier run") == len(MODELS)

@@ -64,12 +64,22 @@ HELPPAGES = {
 }
 
 
+# What ``--benchmarks`` chooses from: the paper's (or --task_map's) benchmarks, FLORES, the help-page tasks.
+GROUPS = ("paper", "flores", "helppages")
+BASELINE = "baseline"  # the baseline's name in the report
+
+
 class UsageError(ValueError):
     """A mistake in the command line, reported as one line."""
 
 
 def _codes(value: str) -> list[str]:
     return [code.strip() for code in value.split(",") if code.strip()]
+
+
+def _named_path(value: str) -> tuple[str, Path]:
+    name, separator, path = value.rpartition("=")
+    return (name, Path(path)) if separator and name else ("model", Path(value))
 
 
 def _flores_sentences(code: str, flores_dir: Path | None) -> dict[str, list[str]] | None:
@@ -122,23 +132,26 @@ class Plan:
 
 
 def plan(new: Sequence[str], old: Sequence[str], task_dir: Path, flores_dir: Path | None, helppage_tasks: Path | None,
-         task_map: Mapping[str, Mapping] | None, limit: int | None) -> Plan:
+         task_map: Mapping[str, Mapping] | None, limit: int | None, groups: Sequence[str] = GROUPS) -> Plan:
+    """``groups``: which of :data:`GROUPS` to run (the help pages only with ``helppage_tasks``)."""
     languages = [*new, *old]
     missing = []
     benchmarks: dict[str, Benchmark] = {}
     chosen = BENCHMARKS if task_map is None else {
         key: Benchmark(entry.get("label", key), entry.get("shots"), entry["metric"], entry["tasks"])
         for key, entry in task_map.items()}
-    for key, benchmark in chosen.items():
+    for key, benchmark in (chosen if "paper" in groups else {}).items():
         benchmarks[key] = benchmark
         missing += [f"{benchmark.label} / {lang}: lm-eval 0.4.13 has no task for this language; left out"
                     for lang in languages if lang not in benchmark.tasks]
-    flores = write_flores_tasks(languages, task_dir, flores_dir, limit)
+    flores = write_flores_tasks(languages, task_dir, flores_dir, limit) if "flores" in groups else {}
     for key, label in ((FLORES_X_EN, "FLORES X->en chrF"), (FLORES_EN_X, "FLORES en->X chrF")):
+        if key not in flores:
+            continue
         benchmarks[key] = Benchmark(label, None, "chrf", flores[key])
         missing += [f"{label} / {lang}: no FLORES data (give --flores_dir or fill the HF datasets cache with "
                     f"{FLORES_HF}); left out" for lang in languages if lang != "en" and lang not in flores[key]]
-    if helppage_tasks is not None:
+    if helppage_tasks is not None and "helppages" in groups:
         for key, (label, metric, pattern) in HELPPAGES.items():
             tasks = {}
             for lang in languages:
@@ -328,7 +341,9 @@ def plot(table: Mapping, path: Path) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="moelpr bench", description=__doc__.split("\n\n")[0], epilog=EXAMPLE)
-    parser.add_argument("--model_path", type=Path, required=True, help="the checkpoint to evaluate")
+    parser.add_argument("--model_path", type=_named_path, action="append", required=True, metavar="[NAME=]PATH",
+                        help="a checkpoint to evaluate; repeat as NAME=PATH for several (one table, the baseline "
+                             "evaluated once)")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="a checkpoint to compare with (e.g. the base model)")
     parser.add_argument("--new", type=_codes, default=_codes("hu,tr,el"), help="expanded languages (default hu,tr,el)")
@@ -342,6 +357,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="JSON {benchmark: {label, shots, metric, tasks: {lang: task}}} replacing the paper's "
                              "benchmarks (with --include_path for task files of your own)")
     parser.add_argument("--include_path", type=Path, action="append", default=[], help="more lm-eval task folders")
+    parser.add_argument("--benchmarks", type=_codes, default=list(GROUPS),
+                        help="which to run, from paper (ARC, HellaSwag, MMLU, Belebele or --task_map's), flores, "
+                             "helppages (with --helppage_tasks); default: all")
     parser.add_argument("--limit", type=int, default=None,
                         help="score only the first N documents of each task (smoke tests)")
     parser.add_argument("--max_gen_toks", type=int, default=None,
@@ -353,9 +371,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _validated(args: argparse.Namespace) -> dict | None:
-    for option, path in (("--model_path", args.model_path), ("--baseline", args.baseline)):
+    for option, path in (*(("--model_path", p) for _, p in args.model_path), ("--baseline", args.baseline)):
         if path is not None and not (path / "config.json").is_file():
             raise UsageError(f"{option}: {path} is not a checkpoint directory (no config.json)")
+    names = [name for name, _ in args.model_path]
+    repeated = sorted({name for name in names if names.count(name) > 1} | ({BASELINE} & set(names)))
+    if repeated:
+        raise UsageError(f"--model_path: the name {repeated[0]} is given twice (or is the baseline's); name each "
+                         "model once, as NAME=PATH")
+    unknown = sorted(set(args.benchmarks) - set(GROUPS))
+    if unknown or not args.benchmarks:
+        raise UsageError(f"--benchmarks: choose from {', '.join(GROUPS)} (got {','.join(unknown) or 'none'})")
+    if args.benchmarks == ["helppages"] and args.helppage_tasks is None:
+        raise UsageError("--benchmarks helppages needs --helppage_tasks (the folder `moelpr corpora --lm_eval_tasks` "
+                         "writes)")
     overlap = sorted(set(args.new) & set(args.old))
     if overlap:
         raise UsageError(f"{', '.join(overlap)} is given as both new and old")
@@ -393,28 +422,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     task_dir = args.output_dir / "tasks"
     task_dir.mkdir(exist_ok=True)
-    plan_ = plan(args.new, args.old, task_dir, args.flores_dir, args.helppage_tasks, task_map, args.limit)
+    plan_ = plan(args.new, args.old, task_dir, args.flores_dir, args.helppage_tasks, task_map, args.limit,
+                 args.benchmarks)
     include = [task_dir, *([args.helppage_tasks] if args.helppage_tasks else []), *args.include_path]
-    models = {"model": args.model_path, **({"baseline": args.baseline} if args.baseline else {})}
+    models = {**({BASELINE: args.baseline} if args.baseline else {}), **dict(args.model_path)}
     scores: dict[str, dict] = {}
     missing = list(plan_.missing)
+    batch_size = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
     for name, path in models.items():
-        batch_size = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
-        scores[name], failed = run_model(path, plan_, include, args.device, batch_size, args.dtype, args.limit,
-                                         args.max_gen_toks)
+        # A model's scores are kept as soon as it is done, so that a stopped run of several models resumes.
+        settings = {"path": str(path), "modified": (path / "config.json").stat().st_mtime_ns,
+                    "tasks": {k: dict(b.tasks) for k, b in plan_.benchmarks.items()},
+                    "limit": args.limit, "max_gen_toks": args.max_gen_toks, "dtype": args.dtype}
+        saved = args.output_dir / "scores" / f"{name}.json"
+        if saved.is_file() and json.loads(saved.read_text())["settings"] == settings:
+            logger.info("%s: scores of an earlier run with the same settings (%s)", name, saved)
+            done = json.loads(saved.read_text())
+            scores[name], failed = done["scores"], done["failed"]
+        else:
+            scores[name], failed = run_model(path, plan_, include, args.device, batch_size, args.dtype, args.limit,
+                                             args.max_gen_toks)
+            saved.parent.mkdir(exist_ok=True)
+            partial = saved.with_suffix(".partial")
+            partial.write_text(json.dumps({"settings": settings, "scores": scores[name], "failed": failed}) + "\n")
+            partial.replace(saved)
         missing += [f"{name}: {line}" for line in failed]
     for line in missing:
         print(f"moelpr bench: {line}", file=sys.stderr)
-    order = ["baseline", "model"] if args.baseline else ["model"]
-    scores = {name: scores[name] for name in order}
-    table = layout(scores, plan_.benchmarks, args.new, args.old, "baseline" if args.baseline else None)
+    table = layout(scores, plan_.benchmarks, args.new, args.old, BASELINE if args.baseline else None)
     if not table["benchmarks"]:
         print("moelpr bench: error: no benchmark could be run (see the lines above)", file=sys.stderr)
         return 1
     report = {"checkpoints": {name: str(path) for name, path in models.items()}, "new": args.new, "old": args.old,
               "limit": args.limit, "scores": scores, "missing": missing, **table}
     (args.output_dir / "bench.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    text = markdown(table, args.new, args.old, "baseline" if args.baseline else None, missing, args.limit)
+    text = markdown(table, args.new, args.old, BASELINE if args.baseline else None, missing, args.limit)
     (args.output_dir / "bench.md").write_text(text)
     plot(table, args.output_dir / "bench.png")
     print(text)

@@ -14,6 +14,9 @@ stages and their console logs (LLaMA-Factory logs ``trainable params: N || all p
 ``seeds`` (optional) names the models of the same method trained again with other seeds: the table then shows the
 spread of the mean changes over all of the method's seeds beside the first seed's interval, since an interval over
 held-out documents says nothing about the randomness of training.
+
+``--bench DIR`` adds the accuracy columns: a ``moelpr bench`` output (``bench.json``) over the same models, named
+as in the evaluation report (``--model_path NAME=PATH``), with the base model as its baseline.
 """
 
 from __future__ import annotations
@@ -157,9 +160,52 @@ def compare(eval_dir: Path, methods_file: Path) -> dict:
             "seeds": seed_changes,  # mean new- and old-language change of each seed's model
         })
     base_total, _ = parameter_counts(Path(models[base_name]["path"]))
-    return {"base": base_name, "reference": reference_name, "new": new, "old": old, "base_params": base_total,
+    return {"base": base_name, "base_path": models[base_name]["path"], "reference": reference_name, "new": new,
+            "old": old, "base_params": base_total,
             "base_perplexity": {lang: base[lang]["perplexity"] for lang in languages}, "methods": rows,
             "settings": report["settings"]}
+
+
+def add_accuracy(result: dict, bench_dir: Path) -> None:
+    """Each method's (and the base model's) expanded and original averages per benchmark from ``moelpr bench``'s
+    report, and the change against the base in points; methods the report lacks get none."""
+    bench = json.loads((bench_dir / "bench.json").read_text())
+    if "baseline" not in bench["models"]:
+        raise ComparisonError(f"{bench_dir}/bench.json has no baseline; run moelpr bench with --baseline (the base)")
+    if Path(bench["checkpoints"]["baseline"]).resolve() != Path(result["base_path"]).resolve():
+        raise ComparisonError(f"{bench_dir}/bench.json's baseline is {bench['checkpoints']['baseline']}, not the "
+                              f"base model {result['base_path']}")
+    base = bench["models"]["baseline"]["benchmarks"]
+    result["accuracy"] = {"benchmarks": {key: {"label": entry["label"], "languages": entry["languages"]}
+                                         for key, entry in bench["benchmarks"].items()},
+                          "base": {key: {g: base[key][g] for g in ("expanded", "original")} for key in base},
+                          "limit": bench["limit"]}
+    for row in result["methods"]:
+        entry = bench["models"].get(row["name"])
+        if entry is None:
+            continue
+        row["accuracy"] = {key: {group: entry["benchmarks"][key][group] for group in ("expanded", "original")}
+                           for key in base}
+
+
+def _accuracy_markdown(result: dict) -> list[str]:
+    accuracy = result["accuracy"]
+    columns = [(key, group) for key, entry in accuracy["benchmarks"].items() for group in ("expanded", "original")
+               if accuracy["base"][key][group] is not None]
+    names = {"expanded": "new", "original": "old"}
+    sample = "every held-out item" if accuracy["limit"] is None else f"the first {accuracy['limit']} items of each task"
+    lines = ["", f"Accuracy (`moelpr bench`, {sample}; completion: length-normalised accuracy in %, translation: chrF), "
+             "the mean over the new and over the old languages each task has, and in brackets the change against "
+             "the base model in points:", "",
+             "| method | " + " | ".join(f"{accuracy['benchmarks'][k]['label']} ({names[g]})" for k, g in columns) + " |",
+             "|---|" + "---:|" * len(columns),
+             "| base model | " + " | ".join(f"{accuracy['base'][k][g]:.1f}" for k, g in columns) + " |"]
+    for row in result["methods"]:
+        if "accuracy" in row:
+            cells = [f"{row['accuracy'][k][g]:.1f} ({row['accuracy'][k][g] - accuracy['base'][k][g]:+.1f})"
+                     for k, g in columns]
+            lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _millions(count: int) -> str:
@@ -204,6 +250,8 @@ def markdown(result: dict) -> str:
                    for lang in (*new, *old)]
         kept = ["{:.0%} [{:.0%}, {:.0%}]".format(*row["languages"][lang]["gain_share"]) for lang in new]
         lines.append(f"| {row['label']} | " + " | ".join(changes + kept) + " |")
+    if "accuracy" in result:
+        lines += _accuracy_markdown(result)
     if any(len(row["seeds"]) > 1 for row in result["methods"]):
         lines += [
             "",
@@ -272,9 +320,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval_dir", type=Path, required=True, help="a moelpr eval output directory")
     parser.add_argument("--methods", type=Path, required=True, help="the methods file (see the module docstring)")
     parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument("--bench", type=Path, default=None, help="a moelpr bench output over the same models")
     args = parser.parse_args(argv)
     try:
         result = compare(args.eval_dir, args.methods)
+        if args.bench is not None:
+            add_accuracy(result, args.bench)
     except (ValueError, OSError, KeyError, json.JSONDecodeError) as error:
         print(f"comparison: error: {error}", file=sys.stderr)
         return 2
