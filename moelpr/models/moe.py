@@ -220,20 +220,19 @@ def uses_grouped_experts(implementation: str, experts: Sequence[nn.Module], toke
     ``"grouped"`` is refused with a clear error where the experts cannot be grouped."""
     if implementation == "loop":
         return False
-    supported = grouped_ffn_supported(experts, tokens)
     if implementation == "grouped":
-        if not supported:
+        if not grouped_ffn_supported(experts, tokens):
             raise ValueError(
                 "moe_experts_implementation='grouped' needs bias-free gated FFN experts whose weights are plain "
                 "tensors of the tokens' dtype (not ZeRO-3 partitions or PEFT layers); use 'auto' or 'loop'."
             )
         return True
-    if not supported:
-        return False
+    # The device and dtype first: they are cheap, and this runs for every layer at every decoded token.
     return (
         tokens.device.type == "cuda"
         and _compute_dtype(tokens) == torch.bfloat16
         and torch.cuda.get_device_capability(tokens.device) >= (8, 0)
+        and grouped_ffn_supported(experts, tokens)
     )
 
 
