@@ -63,7 +63,7 @@ else
     WORK=${MOELPR_DEMO_DIR:-work/$NAME}
     CORPUS_ARGS=()
     STAGE1_STEPS=60; STAGE2_STEPS=20; MAX_SAMPLES=1000; REPLAY_SAMPLES=100; LOGGING_STEPS=5; EVAL_TOKENS=4096
-    # Every completion item; translation items are greedy generations, the slow part on a CPU: the first 100.
+    # The first 100 items of each task: translation items are greedy generations, the slow part on a CPU.
     BENCH_ARGS=(--limit 100)
     # The comparison's cells must resolve differences of a few percent: 4x the demo's evaluated tokens.
     [ "$COMPARE" = 1 ] && EVAL_TOKENS=16384
@@ -216,7 +216,7 @@ args=(--baseline "$BASE_MODEL")
 for model in "${MODELS[@]}"; do
     case "${model%%=*}" in base|*_seed*) ;; *) args+=(--model_path "$model") ;; esac
 done
-moelpr bench "${args[@]}" --new hu,tr,el --old en --benchmarks helppages --helppage_tasks "$CORPORA/lm_eval_tasks" \
+moelpr bench "${args[@]}" --new hu,tr,el --old "en${UNSEEN:+,$UNSEEN}" --benchmarks helppages --helppage_tasks "$CORPORA/lm_eval_tasks" \
     --batch_size 16 "${BENCH_ARGS[@]}" --output_dir "$WORK/bench" 2>&1 | tee "$LOGS/bench.log"
 
 if [ "$COMPARE" = 1 ]; then

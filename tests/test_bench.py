@@ -205,7 +205,7 @@ def test_bench_writes_the_papers_layout(tiny_llama_dir, helppage_tasks, tmp_path
     assert report["scores"]["model"]["arc"]["en"] * 3 / 100 == pytest.approx(round(report["scores"]["model"]["arc"]["en"] * 3 / 100))
 
     table = (out / "bench.md").read_text()
-    assert "| baseline |" in table and "| model |" in table and "smoke test" in table
+    assert "| baseline |" in table and "| model |" in table and "limited to its first 3 documents" in table
     assert f"{100 * report['models']['model']['vs_baseline']['original']['kept']:.1f}%" in table
     assert "bele_hu" in table  # the absent task is named in the report too
     assert matplotlib.image.imread(out / "bench.png").shape[0] > 300
@@ -241,6 +241,7 @@ def test_bench_rejects_mistakes_in_one_line(tiny_llama_dir, tmp_path, capsys):
     cases = [
         (["--model_path", f"a={tiny_llama_dir}", "--model_path", f"a={tiny_llama_dir}"], "the name a is given twice"),
         (["--model_path", str(tiny_llama_dir), "--benchmarks", "paper,mmlu"], "--benchmarks: choose from"),
+        (["--model_path", f"a/b={tiny_llama_dir}"], "must be letters, digits"),
         (["--model_path", str(tiny_llama_dir), "--benchmarks", "helppages"], "needs --helppage_tasks"),
         (["--model_path", str(tmp_path / "none")], "is not a checkpoint directory"),
         (["--model_path", str(tiny_llama_dir), "--new", "hu,en"], "en is given as both new and old"),

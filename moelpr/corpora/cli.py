@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.lm_eval_tasks:
         from .tasks import TASKS_DIR, write_helppage_tasks
 
-        counts = write_helppage_tasks(args.output_dir, [*args.new, *args.old])
+        counts = write_helppage_tasks(args.output_dir, [*args.new, *args.old, *args.unseen])
         print(f"{len(counts)} lm-eval tasks in {args.output_dir / TASKS_DIR}: "
               + ", ".join(f"{name} ({entry['items']})" for name, entry in counts.items()))
     print(f"Corpora and dataset_info.json are in {args.output_dir}")

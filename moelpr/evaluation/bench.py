@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -268,7 +269,8 @@ def markdown(table: Mapping, new: Sequence[str], old: Sequence[str], baseline: s
     models = list(table["models"])
     lines = ["# Benchmark accuracy in the MoE-LPR paper's layout", ""]
     if limit:
-        lines += [f"**Each task limited to its first {limit} documents: a smoke test, not a measurement.**", ""]
+        lines += [f"**Each task limited to its first {limit} documents**: not the benchmark's own score, and noisier "
+                  "the fewer documents are scored.", ""]
     lines += ["Accuracies in percent (ARC and HellaSwag: length-normalised), translation in chrF (0-100); "
               f"expanded = mean over {', '.join(new)}, original = mean over {', '.join(old)}, over the languages "
               "each benchmark has.", ""]
@@ -361,7 +363,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="which to run, from paper (ARC, HellaSwag, MMLU, Belebele or --task_map's), flores, "
                              "helppages (with --helppage_tasks); default: all")
     parser.add_argument("--limit", type=int, default=None,
-                        help="score only the first N documents of each task (smoke tests)")
+                        help="score only the first N documents of each task (the table says so)")
     parser.add_argument("--max_gen_toks", type=int, default=None,
                         help=f"cap on the tokens generated per translation (default {MAX_GENERATED_TOKENS})")
     parser.add_argument("--device", default="cpu")
@@ -375,6 +377,9 @@ def _validated(args: argparse.Namespace) -> dict | None:
         if path is not None and not (path / "config.json").is_file():
             raise UsageError(f"{option}: {path} is not a checkpoint directory (no config.json)")
     names = [name for name, _ in args.model_path]
+    odd = [name for name in names if not re.fullmatch(r"[\w.-]+", name)]
+    if odd:
+        raise UsageError(f"--model_path: name {odd[0]!r} must be letters, digits, '_', '.' or '-' (it names a file)")
     repeated = sorted({name for name in names if names.count(name) > 1} | ({BASELINE} & set(names)))
     if repeated:
         raise UsageError(f"--model_path: the name {repeated[0]} is given twice (or is the baseline's); name each "
