@@ -320,7 +320,8 @@ def run_experts(
     order, inverse, sorted_experts, slot_weights = _slot_order(weights, selected)
     num_tokens, hidden_size = tokens.shape
     # Each slot's token in expert order: a broadcast (its gradient a sum over the k copies) and a permutation
-    # (its gradient the inverse permutation), so neither direction scatter-adds (slow on the CPU, above all in bf16).
+    # (its gradient the inverse permutation), so neither direction scatter-adds: gathers are deterministic, where a
+    # scatter-add accumulates with atomics on GPUs (on the CPU the two measured alike, benchmarks/README.md).
     copies = tokens.unsqueeze(1).expand(num_tokens, top_k, hidden_size).reshape(-1, hidden_size)
     sorted_tokens = _Permute.apply(copies, order, inverse)
     if grouped:
