@@ -440,9 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "tasks": {k: dict(b.tasks) for k, b in plan_.benchmarks.items()},
                     "limit": args.limit, "max_gen_toks": args.max_gen_toks, "dtype": args.dtype}
         saved = args.output_dir / "scores" / f"{name}.json"
-        if saved.is_file() and json.loads(saved.read_text())["settings"] == settings:
+        done = json.loads(saved.read_text()) if saved.is_file() else None
+        if done is not None and done["settings"] == settings:
             logger.info("%s: scores of an earlier run with the same settings (%s)", name, saved)
-            done = json.loads(saved.read_text())
             scores[name], failed = done["scores"], done["failed"]
         else:
             scores[name], failed = run_model(path, plan_, include, args.device, batch_size, args.dtype, args.limit,

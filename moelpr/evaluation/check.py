@@ -133,4 +133,3 @@ def _contains(interval: list[float] | None, value: float) -> bool:
 
 if __name__ == "__main__":
     sys.exit(main())
-
