@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moelpr.corpora.tasks import completion_task_name, translation_task_name, write_helppage_tasks
 from moelpr.evaluation.bench import main as bench_main
+from moelpr.evaluation.score_intervals import task_score
 
 # Held-out help pages, the same pages in two languages (ids as `moelpr corpora` writes them).
 PAGES = {
@@ -201,6 +202,22 @@ def test_bench_writes_the_papers_layout(tiny_llama_dir, helppage_tasks, tmp_path
         assert versus["change"] == pytest.approx(model_avg - base_avg)
         assert versus["kept"] == pytest.approx(model_avg / base_avg)
     assert report["models"]["model"]["expanded"] != report["models"]["baseline"]["expanded"]
+    # The kept items give lm-eval's scores back, and the changes' paired intervals hold the changes.
+    for name in ("model", "baseline"):
+        kept = json.loads((out / "scores" / f"{name}.json").read_text())
+        for key, by_lang in kept["items"].items():
+            for lang, task in by_lang.items():
+                assert len(task["ids"]) == len(task["values"]) <= 3
+                metric = report["benchmarks"][key]["metric"] if key in report["benchmarks"] else "acc"
+                assert task_score(metric, task["values"]) == pytest.approx(report["scores"][name][key][lang])
+    for group in ("expanded", "original"):
+        versus = report["models"]["model"]["vs_baseline"][group]
+        low, high = versus["interval"]
+        assert low <= versus["change"] <= high
+        for key, entry in report["models"]["model"]["benchmarks"].items():
+            if entry[group] is not None:
+                cell = entry["vs_baseline"][group]
+                assert cell["interval"][0] <= cell["change"] <= cell["interval"][1]
     # Accuracies in percent: a 3-question task scores a multiple of 100/3.
     assert report["scores"]["model"]["arc"]["en"] * 3 / 100 == pytest.approx(round(report["scores"]["model"]["arc"]["en"] * 3 / 100))
 
@@ -235,6 +252,14 @@ def test_bench_of_several_named_models_reuses_finished_models_scores(tiny_llama_
     alias.symlink_to(tiny_llama_dir)
     assert bench_main([arg.replace(f"first={tiny_llama_dir}", f"first={alias}") for arg in argv]) == 0
     assert json.loads((out / "bench.json").read_text())["scores"]["first"]["help_completion"]["hu"] >= 0
+    # Kept items of other documents than the baseline's (a task file changed under a kept score) are refused.
+    marked = json.loads(kept.read_text())
+    marked["items"]["help_completion"]["hu"]["ids"][0] = "another document"
+    kept.write_text(json.dumps(marked))
+    assert bench_main([arg.replace(f"first={tiny_llama_dir}", f"first={alias}") for arg in argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("moelpr bench: error: first and baseline were scored on different items of help_completion / "
+                       "hu: score them with the same task files and --limit")
 
 
 def test_bench_rejects_mistakes_in_one_line(tiny_llama_dir, tmp_path, capsys):

@@ -56,7 +56,11 @@ def test_quick_comparison_writes_a_complete_report(tmp_path):
     assert set(bench["benchmarks"]) == {"help_completion", "help_x_en", "help_en_x"}
     for row in comparison["methods"]:
         for key, groups in row["accuracy"].items():
-            assert groups == {g: bench["models"][row["name"]]["benchmarks"][key][g] for g in ("expanded", "original")}
+            cell = bench["models"][row["name"]]["benchmarks"][key]
+            assert groups == {g: cell[g] for g in ("expanded", "original")}
+            assert row["accuracy_intervals"][key] == {g: v["interval"] for g, v in cell["vs_baseline"].items()}
+            assert all(low <= cell["vs_baseline"][g]["change"] <= high
+                       for g, (low, high) in row["accuracy_intervals"][key].items())
     assert "Accuracy (`moelpr bench`" in (work / "comparison" / "comparison.md").read_text()
     moect_log = [json.loads(line) for line in (work / "saves" / "moect" / "trainer_log.jsonl").read_text().splitlines()]
     assert all("ffn_fusion_weight" in entry for entry in moect_log if "loss" in entry)

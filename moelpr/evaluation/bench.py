@@ -25,7 +25,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .intervals import MismatchedDocuments
 from .lm_eval_tasks import LANGUAGES, MAX_GENERATED_TOKENS, TRANSLATION_SHOTS, write_translation_task
+from .score_intervals import ModelItems, change_intervals
 
 logger = logging.getLogger(__name__)
 
@@ -175,12 +177,22 @@ def _score(results: Mapping, task: str, metric: str) -> float | None:
     return None
 
 
+def _task_items(results: Mapping, task: str, metric: str) -> dict[str, list] | None:
+    """Each scored item's id and result (score_intervals.TaskItems), in document order; ``None`` where lm-eval
+    logged none under the task's name (a group of subtasks, such as MMLU's)."""
+    samples = sorted(results.get("samples", {}).get(task, []), key=lambda sample: sample["doc_id"])
+    if not samples or not all(metric in sample for sample in samples):
+        return None
+    return {"ids": [sample["doc_hash"] for sample in samples], "values": [sample[metric] for sample in samples]}
+
+
 def run_model(
     model_path: Path, plan_: Plan, include_paths: Sequence[Path], device: str, batch_size: int | str, dtype: str,
     limit: int | None, max_gen_toks: int | None = None,
-) -> tuple[dict[str, dict[str, float]], list[str]]:
-    """Scores of one model, benchmark -> language -> score; and one line per task that could not run.
-    ``max_gen_toks`` caps the translations' generated tokens (default: the task files' own)."""
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, list]]], list[str]]:
+    """Scores of one model, benchmark -> language -> score; the scored items the same way (for the intervals); and
+    one line per task that could not run. ``max_gen_toks`` caps the translations' generated tokens (default: the
+    task files' own)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -192,6 +204,7 @@ def run_model(
     model = HFLM(pretrained=str(model_path), device=device, batch_size=batch_size, dtype=dtype)
     gen_kwargs = None if max_gen_toks is None else {"max_gen_toks": max_gen_toks}
     scores: dict[str, dict[str, float]] = {}
+    items: dict[str, dict[str, dict[str, list]]] = {}
     failed = []
     for key, benchmark in plan_.benchmarks.items():
         for lang, task in benchmark.tasks.items():
@@ -200,7 +213,7 @@ def run_model(
                 continue
             try:
                 results = lm_eval.simple_evaluate(model=model, tasks=[task], num_fewshot=benchmark.shots,
-                                                  task_manager=manager, limit=limit, log_samples=False,
+                                                  task_manager=manager, limit=limit, log_samples=True,
                                                   bootstrap_iters=0, gen_kwargs=gen_kwargs)
             except Exception as error:  # noqa: BLE001 - absent data surfaces as many exception types
                 first_line = (str(error).strip().splitlines() or [""])[0][:200]
@@ -212,9 +225,12 @@ def run_model(
                 failed.append(f"{benchmark.label} / {lang}: {task} gave no {benchmark.metric}; left out")
             else:
                 scores.setdefault(key, {})[lang] = score
+                task_items = _task_items(results, task, benchmark.metric)
+                if task_items is not None:
+                    items.setdefault(key, {})[lang] = task_items
                 logger.info("%s / %s (%s): %.2f", benchmark.label, lang, task, score)
     del model
-    return scores, failed
+    return scores, items, failed
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -222,11 +238,12 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def layout(scores: Mapping[str, Mapping[str, Mapping[str, float]]], benchmarks: Mapping[str, Benchmark],
-           new: Sequence[str], old: Sequence[str], baseline: str | None) -> dict:
+           new: Sequence[str], old: Sequence[str], baseline: str | None, items: ModelItems | None = None) -> dict:
     """The paper's layout from ``model -> benchmark -> language -> score``. Only cells every model has enter the
     averages; per benchmark the mean over its expanded and over its original languages, and over benchmarks the
     mean of those per-benchmark means. With ``baseline``: every other model's change (points) and the share of the
-    baseline kept (model / baseline)."""
+    baseline kept (model / baseline); with ``items`` (the scored items, same nesting) also the change's paired
+    bootstrap interval, per benchmark where every model has its items, and overall where every benchmark has."""
     models = list(scores)
     table: dict = {"benchmarks": {}, "models": {m: {"benchmarks": {}} for m in models}}
     for key, benchmark in benchmarks.items():
@@ -257,11 +274,44 @@ def layout(scores: Mapping[str, Mapping[str, Mapping[str, float]]], benchmarks: 
                 if entry[group] is not None and base[group] is not None:
                     entry["vs_baseline"][group] = {"change": entry[group] - base[group],
                                                    "kept": entry[group] / base[group] if base[group] else None}
+        if items is not None:
+            _add_intervals(table, items, new, old, baseline)
     return table
+
+
+def _add_intervals(table: dict, items: ModelItems, new: Sequence[str], old: Sequence[str], baseline: str) -> None:
+    groups = {}
+    for key, entry in table["benchmarks"].items():
+        if all(items.get(m, {}).get(key, {}).get(lang) for m in table["models"] for lang in entry["languages"]):
+            groups[key] = {"expanded": [lang for lang in entry["languages"] if lang in new],
+                           "original": [lang for lang in entry["languages"] if lang in old]}
+    if not groups:
+        return
+    metrics = {key: table["benchmarks"][key]["metric"] for key in groups}
+    intervals = change_intervals({m: items[m] for m in table["models"]}, metrics, groups, baseline)
+    for m, found in intervals.items():
+        entry = table["models"][m]
+        for key, by_group in found["benchmarks"].items():
+            base_cells = table["models"][baseline]["benchmarks"][key]
+            entry["benchmarks"][key]["vs_baseline"] = {
+                group: {"change": entry["benchmarks"][key][group] - base_cells[group], "interval": list(bounds)}
+                for group, bounds in by_group.items()}
+        if len(groups) == len(table["benchmarks"]):
+            for group in ("expanded", "original"):
+                if group in found and group in entry["vs_baseline"]:
+                    entry["vs_baseline"][group]["interval"] = list(found[group])
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _change(versus: Mapping) -> str:
+    """A change in points, with its paired 95% interval where the items were kept."""
+    if "interval" not in versus:
+        return f"{versus['change']:+.2f}"
+    low, high = versus["interval"]
+    return f"{versus['change']:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
 def markdown(table: Mapping, new: Sequence[str], old: Sequence[str], baseline: str | None, missing: Sequence[str],
@@ -283,7 +333,8 @@ def markdown(table: Mapping, new: Sequence[str], old: Sequence[str], baseline: s
                  for k in keys]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {_fmt(entry['expanded'])} | {_fmt(entry['original'])} |")
     if baseline is not None and len(models) > 1:
-        lines += ["", f"Against `{baseline}`: change in points, and the share of its score kept:", "",
+        lines += ["", f"Against `{baseline}`: change in points (in brackets its 95% interval, paired bootstrap over "
+                  "the scored items), and the share of its score kept:", "",
                   "| model | expanded change | expanded kept | original change | original kept |",
                   "|---|---:|---:|---:|---:|"]
         for m in models:
@@ -294,7 +345,7 @@ def markdown(table: Mapping, new: Sequence[str], old: Sequence[str], baseline: s
             for group in ("expanded", "original"):
                 if group in versus:
                     kept = versus[group]["kept"]
-                    cells += [f"{versus[group]['change']:+.2f}", "-" if kept is None else f"{100 * kept:.1f}%"]
+                    cells += [_change(versus[group]), "-" if kept is None else f"{100 * kept:.1f}%"]
                 else:
                     cells += ["-", "-"]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -432,6 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     include = [task_dir, *([args.helppage_tasks] if args.helppage_tasks else []), *args.include_path]
     models = {**({BASELINE: args.baseline} if args.baseline else {}), **dict(args.model_path)}
     scores: dict[str, dict] = {}
+    items: dict[str, dict] = {}
     missing = list(plan_.missing)
     batch_size = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
     for name, path in models.items():
@@ -441,20 +493,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "limit": args.limit, "max_gen_toks": args.max_gen_toks, "dtype": args.dtype}
         saved = args.output_dir / "scores" / f"{name}.json"
         done = json.loads(saved.read_text()) if saved.is_file() else None
-        if done is not None and done["settings"] == settings:
+        if done is not None and done["settings"] == settings and "items" in done:
             logger.info("%s: scores of an earlier run with the same settings (%s)", name, saved)
-            scores[name], failed = done["scores"], done["failed"]
+            scores[name], items[name], failed = done["scores"], done["items"], done["failed"]
         else:
-            scores[name], failed = run_model(path, plan_, include, args.device, batch_size, args.dtype, args.limit,
-                                             args.max_gen_toks)
+            scores[name], items[name], failed = run_model(path, plan_, include, args.device, batch_size, args.dtype,
+                                                          args.limit, args.max_gen_toks)
             saved.parent.mkdir(exist_ok=True)
             partial = saved.with_suffix(".partial")
-            partial.write_text(json.dumps({"settings": settings, "scores": scores[name], "failed": failed}) + "\n")
+            kept = {"settings": settings, "scores": scores[name], "items": items[name], "failed": failed}
+            partial.write_text(json.dumps(kept, ensure_ascii=False) + "\n")
             partial.replace(saved)
         missing += [f"{name}: {line}" for line in failed]
     for line in missing:
         print(f"moelpr bench: {line}", file=sys.stderr)
-    table = layout(scores, plan_.benchmarks, args.new, args.old, BASELINE if args.baseline else None)
+    try:
+        table = layout(scores, plan_.benchmarks, args.new, args.old, BASELINE if args.baseline else None, items)
+    except MismatchedDocuments as error:
+        print(f"moelpr bench: error: {error}", file=sys.stderr)
+        return 1
     if not table["benchmarks"]:
         print("moelpr bench: error: no benchmark could be run (see the lines above)", file=sys.stderr)
         return 1

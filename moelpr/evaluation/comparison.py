@@ -186,6 +186,8 @@ def add_accuracy(result: dict, bench_dir: Path) -> None:
             continue
         row["accuracy"] = {key: {group: entry["benchmarks"][key][group] for group in ("expanded", "original")}
                            for key in base}
+        row["accuracy_intervals"] = {key: {group: versus["interval"] for group, versus in
+                                           entry["benchmarks"][key].get("vs_baseline", {}).items()} for key in base}
 
 
 def _accuracy_markdown(result: dict) -> list[str]:
@@ -196,16 +198,20 @@ def _accuracy_markdown(result: dict) -> list[str]:
     sample = "every held-out item" if accuracy["limit"] is None else f"the first {accuracy['limit']} items of each task"
     lines = ["", f"Accuracy (`moelpr bench`, {sample}; completion: length-normalised accuracy in %, translation: chrF), "
              "the mean over the new and over the old languages each task has, and in brackets the change against "
-             "the base model in points:", "",
+             "the base model in points with its 95% interval (paired bootstrap over the scored items):", "",
              "| method | " + " | ".join(f"{accuracy['benchmarks'][k]['label']} ({names[g]})" for k, g in columns) + " |",
              "|---|" + "---:|" * len(columns),
              "| base model | " + " | ".join(f"{accuracy['base'][k][g]:.1f}" for k, g in columns) + " |"]
     for row in result["methods"]:
         if "accuracy" in row:
-            cells = [f"{row['accuracy'][k][g]:.1f} ({row['accuracy'][k][g] - accuracy['base'][k][g]:+.1f})"
-                     for k, g in columns]
+            cells = [f"{row['accuracy'][k][g]:.1f} ({row['accuracy'][k][g] - accuracy['base'][k][g]:+.1f}"
+                     f"{_points_interval(row.get('accuracy_intervals', {}).get(k, {}).get(g))})" for k, g in columns]
             lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _points_interval(bounds: Sequence[float] | None) -> str:
+    return "" if bounds is None else f" [{bounds[0]:+.1f}, {bounds[1]:+.1f}]"
 
 
 def _millions(count: int) -> str:
