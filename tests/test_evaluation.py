@@ -41,7 +41,42 @@ def test_token_blocks_pack_texts_with_eos_like_llamafactory(tiny_llama_dir):
     assert [t for block in blocks for t in block] == stream
     assert all(len(block) == 16 for block in blocks[:-1]) and 2 <= len(blocks[-1]) <= 16
     capped = token_blocks(tokenizer, texts, cutoff_len=16, max_tokens=20)
-    assert [len(b) for b in capped] == [16, 4] and capped[0] == stream[:16]
+    # Each text gives at most one block's worth under --max_tokens (a cut one still ends with eos).
+    first, second = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts[:2])
+    assert len(first) > 16 and [len(b) for b in capped] == [16, 4]
+    assert capped[0] == first[:15] + [tokenizer.eos_token_id] and capped[1] == second[:4]
+
+
+def test_max_tokens_is_spread_over_documents_so_one_long_page_cannot_fill_it(tiny_llama_dir):
+    """The Greek held-out set once opened with a 20k-character glossary that filled the whole budget alone: one
+    document, so its bootstrap interval had nothing to resample."""
+    from moelpr.evaluation.perplexity import SPREAD_DOCUMENTS, document_cap, packed_blocks
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    eos = tokenizer.eos_token_id
+    long_page = " ".join(["glossary entry"] * 400)
+    texts = [long_page] + TEXTS["en"] * 4
+    lengths = [len(tokenizer(t + tokenizer.eos_token, add_special_tokens=False)["input_ids"]) for t in texts]
+    max_tokens = 800
+    cap = max(8, math.ceil(max_tokens / SPREAD_DOCUMENTS))
+    assert lengths[0] > max_tokens > cap > max(lengths[1:])
+    blocks, owners = packed_blocks(tokenizer, texts, cutoff_len=8, max_tokens=max_tokens)
+    flat = [t for owner in owners for t in owner]
+    assert sum(map(len, blocks)) == max_tokens and flat.count(0) == cap
+    expected_documents, total = 1, cap  # the short texts follow whole until the budget is met
+    for length in lengths[1:]:
+        if total >= max_tokens:
+            break
+        total, expected_documents = total + length, expected_documents + 1
+    assert len(set(flat)) == expected_documents > SPREAD_DOCUMENTS
+    stream = [t for block in blocks for t in block]
+    first = tokenizer(long_page, add_special_tokens=False)["input_ids"]
+    assert stream[: cap - 1] == first[: cap - 1] and stream[cap - 1] == eos  # a cut page still ends with eos
+    # Too few documents for the floor: the cap rises until they fill the budget, the short ones kept whole.
+    assert document_cap([5, 7, 1000, 1000], 1000, 8) == 494 and 5 + 7 + 2 * 494 >= 1000 > 5 + 7 + 2 * 493
+    assert document_cap([5, 7], 1000, 8) >= 7  # fewer tokens than the budget: everything is kept
+    unlimited, _ = packed_blocks(tokenizer, texts[:3], cutoff_len=8)
+    assert sum(map(len, unlimited)) == sum(lengths[:3])
 
 
 def test_perplexity_is_token_weighted_over_blocks(tiny_llama_dir):

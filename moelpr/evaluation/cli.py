@@ -44,7 +44,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="a LLaMA-Factory output directory whose trainer_state.json goes into loss_curves.png; repeatable")
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--cutoff_len", type=int, default=256, help="tokens per evaluated block (default: 256)")
-    parser.add_argument("--max_tokens", type=int, default=None, help="evaluate at most this many tokens per language")
+    parser.add_argument("--max_tokens", type=int, default=None,
+                        help="evaluate at most this many tokens per language, spread over its documents: each gives "
+                             "at most max(cutoff_len, max_tokens / 20) tokens, more where too few documents fill less")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--bf16", action="store_true", help="run the models in bfloat16 (faster on CPUs with AVX512-BF16)")
     parser.add_argument("--text_field", default="text", help="jsonl field holding the text (default: text)")

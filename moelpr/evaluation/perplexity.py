@@ -12,30 +12,70 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+# ``max_tokens`` is spread over at least this many documents where a language has them, so one long page cannot
+# fill a language's budget alone and leave its document-level interval nothing to resample.
+SPREAD_DOCUMENTS = 20
+
+
+def _least_cap(max_tokens: int, cutoff_len: int) -> int:
+    return max(cutoff_len, math.ceil(max_tokens / SPREAD_DOCUMENTS))
+
+
+def document_cap(lengths: Sequence[int], max_tokens: int, cutoff_len: int) -> int:
+    """Tokens each document may contribute so that ``max_tokens`` is spread over the documents: at least
+    ``max(cutoff_len, max_tokens / SPREAD_DOCUMENTS)`` (a document gives at least one block's worth), raised to the
+    smallest cap whose documents still fill ``max_tokens`` where there are too few of them."""
+    cap = _least_cap(max_tokens, cutoff_len)
+    if sum(min(length, cap) for length in lengths) >= max_tokens:
+        return cap
+    # Water-filling: the documents shorter than the cap are kept whole and the rest share what is left equally.
+    remaining, longer = max_tokens, sorted(lengths)
+    for index, length in enumerate(longer):
+        share = math.ceil(remaining / (len(longer) - index))
+        if length >= share:
+            return share
+        remaining -= length
+    return max(lengths, default=cap)
+
 
 def packed_blocks(
     tokenizer, texts: Sequence[str], cutoff_len: int, max_tokens: int | None = None
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Held-out texts as LLaMA-Factory packs pre-training data: each text followed by the tokenizer's eos,
     all concatenated and cut into blocks of ``cutoff_len`` tokens, so perplexity is measured on inputs
-    shaped like the training inputs. ``max_tokens`` keeps the first tokens of the stream; the last,
-    shorter block is kept (LLaMA-Factory drops it) so that small held-out sets lose nothing.
+    shaped like the training inputs. The last, shorter block is kept (LLaMA-Factory drops it) so that small
+    held-out sets lose nothing.
+
+    ``max_tokens`` keeps that many tokens spread over the texts: each text contributes its first
+    :func:`document_cap` tokens (a cut text still ends with eos, one predicted token per cut text that the text
+    did not have), texts taken in order until the budget is met.
 
     Also returns, per block, the index in ``texts`` of each token's text: a block cuts across texts, and the
-    bootstrap resamples texts (documents), so each predicted token's loss is credited to its own document.
+    bootstrap resamples texts (documents), so each predicted token's loss is credited to its own text.
     """
     if cutoff_len < 2:
         raise ValueError("cutoff_len must be at least 2 (one token to condition on, one to predict)")
     eos = tokenizer.eos_token or ""
+    cap = None if max_tokens is None else _least_cap(max_tokens, cutoff_len)
+    tokenized: list[list[int]] = []
+    capped_total = 0
+    for text in texts:
+        tokenized.append(tokenizer(text + eos, add_special_tokens=False)["input_ids"])
+        capped_total += len(tokenized[-1]) if cap is None else min(len(tokenized[-1]), cap)
+        if cap is not None and capped_total >= max_tokens:
+            break
+    else:
+        if max_tokens is not None:
+            cap = document_cap([len(ids) for ids in tokenized], max_tokens, cutoff_len)
     stream: list[int] = []
     owners: list[int] = []
-    for index, text in enumerate(texts):
-        ids = tokenizer(text + eos, add_special_tokens=False)["input_ids"]
+    for index, ids in enumerate(tokenized):
+        if cap is not None and len(ids) > cap:
+            ids = ids[: cap - 1] + ids[-1:] if eos else ids[:cap]
         stream.extend(ids)
         owners.extend([index] * len(ids))
-        if max_tokens is not None and len(stream) >= max_tokens:
-            del stream[max_tokens:], owners[max_tokens:]
-            break
+    if max_tokens is not None:
+        del stream[max_tokens:], owners[max_tokens:]
     blocks = [stream[i : i + cutoff_len] for i in range(0, len(stream), cutoff_len)]
     documents = [owners[i : i + cutoff_len] for i in range(0, len(owners), cutoff_len)]
     if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
