@@ -259,7 +259,7 @@ def test_bench_of_several_named_models_reuses_finished_models_scores(tiny_llama_
     assert bench_main([arg.replace(f"first={tiny_llama_dir}", f"first={alias}") for arg in argv]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("moelpr bench: error: first and baseline were scored on different items of help_completion / "
-                       "hu: score them with the same task files and --limit")
+                       "hu (2 vs 2, 2 not in both): score them with the same task files and --limit")
 
 
 def test_bench_rejects_mistakes_in_one_line(tiny_llama_dir, tmp_path, capsys):

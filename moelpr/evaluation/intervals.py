@@ -36,7 +36,7 @@ def _ids(units: Units) -> list[str]:
     return [str(i) for i in units[2]] if len(units) > 2 else [str(i) for i in range(len(units[0]))]
 
 
-def _counts(num_units: int, samples: int, seed: int) -> np.ndarray:
+def bootstrap_counts(num_units: int, samples: int, seed: int) -> np.ndarray:
     """How often each unit is drawn in each bootstrap sample: ``[samples, num_units]``."""
     draws = np.random.default_rng(seed).integers(0, num_units, size=(samples, num_units))
     counts = np.zeros((samples, num_units))
@@ -53,22 +53,30 @@ def _log_perplexity(units: Units) -> float:
     return float(np.sum(units[0]) / np.sum(units[1]))
 
 
-def _bounds(values: np.ndarray, level: float) -> tuple[float, float]:
+def percentile_bounds(values: np.ndarray, level: float) -> tuple[float, float]:
+    """The central ``level`` percentile interval of bootstrap draws."""
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
 
 
+def require_same_ids(first: Sequence, other: Sequence, mismatch: str, remedy: str) -> None:
+    """One-line refusal (``"<mismatch> (counts): <remedy>"``) when two samples meant to be paired are over different
+    units (documents, benchmark items), compared in order."""
+    first, other = [str(i) for i in first], [str(i) for i in other]
+    if first != other:
+        raise MismatchedDocuments(
+            f"{mismatch} ({len(first)} vs {len(other)}, {len(set(first) ^ set(other))} not in both): {remedy}"
+        )
+
+
 def require_same_documents(*samples: Units, what: str = "models") -> None:
     """One-line refusal when samples meant to be paired were evaluated on different documents."""
-    first = _ids(samples[0])
     for other in samples[1:]:
-        ids = _ids(other)
-        if ids != first:
-            raise MismatchedDocuments(
-                f"the {what} were evaluated on different documents ({len(first)} vs {len(ids)}, "
-                f"{len(set(first) ^ set(ids))} not in both): evaluate them on the same held-out texts and tokenizer"
-            )
+        require_same_ids(
+            _ids(samples[0]), _ids(other), f"the {what} were evaluated on different documents",
+            "evaluate them on the same held-out texts and tokenizer",
+        )
 
 
 def perplexity_interval(
@@ -79,8 +87,8 @@ def perplexity_interval(
     seed: int = DEFAULT_SEED,
 ) -> tuple[float, float]:
     """``level`` bootstrap interval of ``exp(sum nll / sum tokens)`` over the units (documents)."""
-    log_ppl = _log_perplexities((nll, tokens), _counts(len(nll), samples, seed))
-    low, high = _bounds(log_ppl, level)
+    log_ppl = _log_perplexities((nll, tokens), bootstrap_counts(len(nll), samples, seed))
+    low, high = percentile_bounds(log_ppl, level)
     return float(np.exp(low)), float(np.exp(high))
 
 
@@ -99,10 +107,10 @@ def change_interval(
     """
     if paired:
         require_same_documents(base, other)
-    base_counts = _counts(len(base[0]), samples, seed)
-    other_counts = base_counts if paired else _counts(len(other[0]), samples, seed + 1)
+    base_counts = bootstrap_counts(len(base[0]), samples, seed)
+    other_counts = base_counts if paired else bootstrap_counts(len(other[0]), samples, seed + 1)
     log_ratio = _log_perplexities(other, other_counts) - _log_perplexities(base, base_counts)
-    low, high = _bounds(log_ratio, level)
+    low, high = percentile_bounds(log_ratio, level)
     return float(np.expm1(low)), float(np.expm1(high))
 
 
@@ -112,7 +120,7 @@ def joint_counts(per_language: Sequence[Units], samples: int, seed: int) -> list
     ids = [_ids(units) for units in per_language]
     union = sorted(set().union(*ids))
     column = {doc_id: index for index, doc_id in enumerate(union)}
-    counts = _counts(len(union), samples, seed)
+    counts = bootstrap_counts(len(union), samples, seed)
     return [counts[:, [column[doc_id] for doc_id in language_ids]] for language_ids in ids]
 
 
@@ -134,7 +142,7 @@ def mean_change_interval(
                           for (base, other), c in zip(pairs, counts)])
     point = np.mean([np.expm1(_log_perplexity(other) - _log_perplexity(base)) for base, other in pairs])
     # Every draw holds some language's documents (each id drawn belongs to one), so no column is all NaN.
-    low, high = _bounds(np.nanmean(drawn, axis=0), level)
+    low, high = percentile_bounds(np.nanmean(drawn, axis=0), level)
     return float(point), low, high
 
 
@@ -150,11 +158,11 @@ def gain_share_interval(
     ``(log ppl_base - log ppl_other) / (log ppl_base - log ppl_reference)``, with its interval; all three on the
     same documents (checked; one draw for all). Returns ``(share, low, high)``."""
     require_same_documents(base, reference, other)
-    counts = _counts(len(base[0]), samples, seed)
+    counts = bootstrap_counts(len(base[0]), samples, seed)
     base_log = _log_perplexities(base, counts)
     shares = (base_log - _log_perplexities(other, counts)) / (base_log - _log_perplexities(reference, counts))
     point = (_log_perplexity(base) - _log_perplexity(other)) / (_log_perplexity(base) - _log_perplexity(reference))
-    low, high = _bounds(shares, level)
+    low, high = percentile_bounds(shares, level)
     return float(point), low, high
 
 

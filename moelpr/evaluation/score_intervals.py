@@ -19,9 +19,9 @@ from moelpr.evaluation.intervals import (
     DEFAULT_LEVEL,
     DEFAULT_SAMPLES,
     DEFAULT_SEED,
-    MismatchedDocuments,
-    _bounds,
-    _counts,
+    bootstrap_counts,
+    percentile_bounds,
+    require_same_ids,
 )
 
 # One task's items: {"ids": [...], "values": [...]} in lm-eval's document order.
@@ -71,7 +71,7 @@ def change_intervals(
     draws: dict[tuple[str, str], np.ndarray] = {}
     for index, (key, lang) in enumerate((k, lang) for k in groups for langs in groups[k].values() for lang in langs):
         task = items[baseline][key][lang]
-        draws[key, lang] = _counts(len(task["ids"]), samples, seed + index)
+        draws[key, lang] = bootstrap_counts(len(task["ids"]), samples, seed + index)
         stats, score = _statistics(metrics[key], task["values"])
         base_scores[key, lang] = score(draws[key, lang] @ stats)
     result: dict[str, dict] = {}
@@ -86,18 +86,19 @@ def change_intervals(
                 changes = []
                 for lang in langs:
                     task = model_items[key][lang]
-                    if list(task["ids"]) != list(items[baseline][key][lang]["ids"]):
-                        raise MismatchedDocuments(
-                            f"{model} and {baseline} were scored on different items of {key} / {lang}: score them "
-                            "with the same task files and --limit")
+                    require_same_ids(
+                        items[baseline][key][lang]["ids"], task["ids"],
+                        f"{model} and {baseline} were scored on different items of {key} / {lang}",
+                        "score them with the same task files and --limit",
+                    )
                     stats, score = _statistics(metrics[key], task["values"])
                     changes.append(score(draws[key, lang] @ stats) - base_scores[key, lang])
                 per_benchmark.setdefault(key, {})[group] = np.mean(changes, axis=0)
-        entry: dict = {"benchmarks": {key: {group: _bounds(change, level) for group, change in by_group.items()}
+        entry: dict = {"benchmarks": {key: {group: percentile_bounds(change, level) for group, change in by_group.items()}
                                       for key, by_group in per_benchmark.items()}}
         for group in ("expanded", "original"):
             means = [by_group[group] for by_group in per_benchmark.values() if group in by_group]
             if means:
-                entry[group] = _bounds(np.mean(means, axis=0), level)
+                entry[group] = percentile_bounds(np.mean(means, axis=0), level)
         result[model] = entry
     return result
