@@ -200,6 +200,8 @@ done
 step "Evaluation: held-out perplexity per language ($EVAL_TOKENS tokens each), routing report, loss curves"
 stale=0
 [ -f "$EVAL/perplexity.json" ] || stale=1
+# A report from before --max_tokens was spread over the documents measured each language's first pages only.
+grep -q max_tokens_spread_over_documents "$EVAL/perplexity.json" 2>/dev/null || stale=1
 for run in "${RUNS[@]}"; do [ "$SAVES/$run/train_results.json" -nt "$EVAL/perplexity.json" ] && stale=1; done
 if [ "$stale" = 0 ]; then skip "$EVAL"; else
     args=()

@@ -132,6 +132,7 @@ def test_eval_command_writes_the_report(tiny_llama_dir, upcycled_llama_dir, held
     report = json.loads((out / "perplexity.json").read_text())
     assert list(report["models"]) == ["dense", "moe"] and report["languages"] == {"en": "old", "hu": "new"}
     assert report["models"]["dense"]["kind"] == "dense" and report["models"]["moe"]["kind"] == "moe"
+    assert report["settings"]["max_tokens_spread_over_documents"] == 20  # what demo.sh tells old reports by
     for model in report["models"].values():
         for lang in ("en", "hu"):
             entry = model["languages"][lang]

@@ -15,7 +15,7 @@ from ..corpora.jsonl_texts import iter_jsonl_texts
 from ..models.configuration import CT, LPR
 from ..tokenization import restore_add_bos_token
 from .intervals import DEFAULT_LEVEL, DEFAULT_SAMPLES, change_interval, document_units, perplexity_interval
-from .perplexity import LanguageResult, evaluate_language, packed_blocks
+from .perplexity import SPREAD_DOCUMENTS, LanguageResult, evaluate_language, packed_blocks
 from .plots import loss_curves, routing_heatmap
 
 logger = logging.getLogger(__name__)
@@ -183,6 +183,7 @@ def evaluate(
     settings = {
         "cutoff_len": cutoff_len,
         "max_tokens": max_tokens,
+        "max_tokens_spread_over_documents": SPREAD_DOCUMENTS,  # absent from reports of pages taken whole in order
         "dtype": str(dtype).removeprefix("torch."),
         "bootstrap": {"unit": "held-out documents", "samples": DEFAULT_SAMPLES, "level": DEFAULT_LEVEL},
     }
