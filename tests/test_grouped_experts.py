@@ -194,3 +194,26 @@ def test_unknown_experts_implementation_is_refused():
     config_class, _ = MOE_FAMILIES["llama"]
     with pytest.raises(StrictDataclassClassValidationError, match="moe_experts_implementation must be one of"):
         config_class(num_hidden_layers=2, moe_experts_implementation="fast")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_slot_gather_is_the_broadcast_then_permutation_it_replaces(dtype, top_k):
+    """The dispatch's one gather against what autograd does with the k copies of every token, indexed: the same
+    rows forward and, bit for bit, the same token gradient (a sum over each token's slots) backward."""
+    from moelpr.models.moe import _GatherSlots, _slot_order
+
+    torch.manual_seed(top_k)
+    tokens = torch.randn(37, 16, dtype=dtype, requires_grad=True)
+    probs = torch.rand(37, 5).softmax(dim=-1)
+    weights, selected = probs.topk(top_k, dim=-1)
+    order, inverse, _, _ = _slot_order(weights, selected)
+    upstream = torch.randn(37 * top_k, 16, dtype=dtype)
+
+    gathered = _GatherSlots.apply(tokens, order, inverse, top_k)
+    (gathered * upstream).sum().backward()
+    reference_tokens = tokens.detach().clone().requires_grad_()
+    reference = reference_tokens.unsqueeze(1).expand(37, top_k, 16).reshape(-1, 16)[order]
+    (reference * upstream).sum().backward()
+    assert torch.equal(gathered, reference)
+    assert torch.equal(tokens.grad, reference_tokens.grad)

@@ -318,12 +318,8 @@ def run_experts(
             output = contribution if output is None else output + contribution
         return output
     order, inverse, sorted_experts, slot_weights = _slot_order(weights, selected)
-    num_tokens, hidden_size = tokens.shape
-    # Each slot's token in expert order: a broadcast (its gradient a sum over the k copies) and a permutation
-    # (its gradient the inverse permutation), so neither direction scatter-adds: gathers are deterministic, where a
-    # scatter-add accumulates with atomics on GPUs (on the CPU the two measured alike, benchmarks/README.md).
-    copies = tokens.unsqueeze(1).expand(num_tokens, top_k, hidden_size).reshape(-1, hidden_size)
-    sorted_tokens = _Permute.apply(copies, order, inverse)
+    num_tokens = tokens.shape[0]
+    sorted_tokens = _GatherSlots.apply(tokens, order, inverse, top_k)
     if grouped:
         expert_ids = torch.arange(len(experts), device=tokens.device, dtype=sorted_experts.dtype)
         # End of each expert's group among the sorted slots, found on the device.
@@ -341,6 +337,25 @@ def run_experts(
     for slot in range(1, top_k):
         output = output + slots[:, slot]
     return output
+
+
+class _GatherSlots(torch.autograd.Function):
+    """Each slot's token in expert order, ``tokens[order // top_k]`` (slot ``s`` is token ``s // top_k``'s), in one
+    gather without materialising the k copies of every token first. Its gradient gathers back by the inverse
+    permutation and sums a token's k slots, so neither direction scatter-adds: gathers are deterministic, where a
+    scatter-add accumulates with atomics on GPUs (on the CPU the two measured alike, benchmarks/README.md)."""
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return tokens.index_select(0, torch.div(order, top_k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        by_slot = grad_output.index_select(0, inverse)
+        return by_slot.view(-1, ctx.top_k, by_slot.shape[-1]).sum(dim=1), None, None, None
 
 
 class _Permute(torch.autograd.Function):
