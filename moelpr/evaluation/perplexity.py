@@ -61,9 +61,10 @@ def packed_blocks(
     capped_total = 0
     for text in texts:
         tokenized.append(tokenizer(text + eos, add_special_tokens=False)["input_ids"])
-        capped_total += len(tokenized[-1]) if cap is None else min(len(tokenized[-1]), cap)
-        if cap is not None and capped_total >= max_tokens:
-            break
+        if cap is not None:
+            capped_total += min(len(tokenized[-1]), cap)
+            if capped_total >= max_tokens:
+                break
     else:
         if max_tokens is not None:
             cap = document_cap([len(ids) for ids in tokenized], max_tokens, cutoff_len)

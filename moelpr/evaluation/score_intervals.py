@@ -94,8 +94,10 @@ def change_intervals(
                     stats, score = _statistics(metrics[key], task["values"])
                     changes.append(score(draws[key, lang] @ stats) - base_scores[key, lang])
                 per_benchmark.setdefault(key, {})[group] = np.mean(changes, axis=0)
-        entry: dict = {"benchmarks": {key: {group: percentile_bounds(change, level) for group, change in by_group.items()}
-                                      for key, by_group in per_benchmark.items()}}
+        entry: dict = {"benchmarks": {
+            key: {group: percentile_bounds(change, level) for group, change in by_group.items()}
+            for key, by_group in per_benchmark.items()
+        }}
         for group in ("expanded", "original"):
             means = [by_group[group] for by_group in per_benchmark.values() if group in by_group]
             if means:
