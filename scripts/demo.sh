@@ -198,12 +198,9 @@ for ((seed_index = 2; seed_index <= SEEDS; seed_index++)); do
 done
 
 step "Evaluation: held-out perplexity per language ($EVAL_TOKENS tokens each), routing report, loss curves"
-stale=0
-[ -f "$EVAL/perplexity.json" ] || stale=1
-# A report from before --max_tokens was spread over the documents measured each language's first pages only.
-grep -q max_tokens_spread_over_documents "$EVAL/perplexity.json" 2>/dev/null || stale=1
-for run in "${RUNS[@]}"; do [ "$SAVES/$run/train_results.json" -nt "$EVAL/perplexity.json" ] && stale=1; done
-if [ "$stale" = 0 ]; then skip "$EVAL"; else
+run_dirs=()
+for run in "${RUNS[@]}"; do run_dirs+=("$SAVES/$run"); done
+if ! eval_stale "$EVAL" "${run_dirs[@]}"; then skip "$EVAL"; else
     args=()
     for model in "${MODELS[@]}"; do args+=(--model "$model"); done
     for lang in hu tr el en en_general ${UNSEEN//,/ }; do args+=(--heldout "$lang=$CORPORA/${lang}_heldout.jsonl"); done

@@ -128,10 +128,7 @@ else
 fi
 
 say "Evaluation: held-out perplexity per language ($EVAL_TOKENS tokens each)"
-stale=0
-[ -f "$EVAL/perplexity.json" ] || stale=1
-for run in "$SAVES"/*/; do [ "$run/train_results.json" -nt "$EVAL/perplexity.json" ] && stale=1; done
-if [ "$stale" = 1 ]; then
+if eval_stale "$EVAL" "$SAVES"/*/; then
     args=()
     for model in "${MODELS[@]}"; do args+=(--model "$model"); done
     for lang in hu tr el en en_general; do args+=(--heldout "$lang=$CORPORA/${lang}_heldout.jsonl"); done

@@ -1,4 +1,5 @@
-# Sourced by scripts/demo.sh and scripts/paper_budget.sh (from the repository root): one resumable training run.
+# Sourced by scripts/demo.sh and scripts/paper_budget.sh (from the repository root): one resumable training run,
+# and when their evaluation must run again.
 #
 # train NAME YAML MODEL DATASETS SAMPLES STEPS [KEY=VALUE...]: one llamafactory-cli run into $SAVES/NAME, skipped
 # when it finished before (train_results.json); the extra KEY=VALUE pairs override the recipe. With SAVE_STEPS set,
@@ -24,4 +25,15 @@ train() {
         max_samples="$samples" max_steps="$steps" output_dir="$out" logging_steps="$LOGGING_STEPS" \
         bf16="$MOELPR_DEMO_BF16" "${resume[@]}" "${@:7}" 2>&1 | tee -a "$LOGS/$name.log"
     rm -rf "$out"/checkpoint-*   # finished: the optimizer states are not needed any more
+}
+
+# eval_stale EVAL_DIR RUN_DIR...: true when EVAL_DIR has no perplexity.json, when the report is older than a run's
+# train_results.json, or when it predates --max_tokens being spread over the documents (it then measured each
+# language's first pages only).
+eval_stale() {
+    local report=$1/perplexity.json run
+    [ -f "$report" ] || return 0
+    grep -q max_tokens_spread_over_documents "$report" || return 0
+    for run in "${@:2}"; do [ "$run/train_results.json" -nt "$report" ] && return 0; done
+    return 1
 }
