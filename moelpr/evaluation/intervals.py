@@ -72,9 +72,10 @@ def require_same_ids(first: Sequence, other: Sequence, mismatch: str, remedy: st
 
 def require_same_documents(*samples: Units, what: str = "models") -> None:
     """One-line refusal when samples meant to be paired were evaluated on different documents."""
+    first = _ids(samples[0])
     for other in samples[1:]:
         require_same_ids(
-            _ids(samples[0]), _ids(other), f"the {what} were evaluated on different documents",
+            first, _ids(other), f"the {what} were evaluated on different documents",
             "evaluate them on the same held-out texts and tokenizer",
         )
 
