@@ -210,10 +210,36 @@ def test_slot_gather_is_the_broadcast_then_permutation_it_replaces(dtype, top_k)
     order, inverse, _, _ = _slot_order(weights, selected)
     upstream = torch.randn(37 * top_k, 16, dtype=dtype)
 
-    gathered = _GatherSlots.apply(tokens, order, inverse, top_k)
+    gathered = _GatherSlots.apply(tokens, torch.div(order, top_k, rounding_mode="floor"), inverse, top_k)
     (gathered * upstream).sum().backward()
     reference_tokens = tokens.detach().clone().requires_grad_()
     reference = reference_tokens.unsqueeze(1).expand(37, top_k, 16).reshape(-1, 16)[order]
     (reference * upstream).sum().backward()
     assert torch.equal(gathered, reference)
     assert torch.equal(tokens.grad, reference_tokens.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_slot_sum_is_the_permutation_then_slot_sum_it_replaces(dtype, top_k):
+    """The combine's gather-and-add against autograd's indexing and slicing of the same rows: the same outputs and,
+    bit for bit, the same gradient of the expert-ordered rows (one gather instead of zero-filled slot gradients)."""
+    from moelpr.models.moe import _SumSlots, _slot_order
+
+    torch.manual_seed(top_k)
+    probs = torch.rand(37, 5).softmax(dim=-1)
+    weights, selected = probs.topk(top_k, dim=-1)
+    order, inverse, _, _ = _slot_order(weights, selected)
+    sorted_out = torch.randn(37 * top_k, 16, dtype=dtype, requires_grad=True)
+    upstream = torch.randn(37, 16, dtype=dtype)
+
+    summed = _SumSlots.apply(sorted_out, inverse, torch.div(order, top_k, rounding_mode="floor"), top_k)
+    (summed * upstream).sum().backward()
+    reference_rows = sorted_out.detach().clone().requires_grad_()
+    slots = reference_rows[inverse].view(37, top_k, 16)
+    reference = slots[:, 0]
+    for slot in range(1, top_k):
+        reference = reference + slots[:, slot]
+    (reference * upstream).sum().backward()
+    assert torch.equal(summed, reference)
+    assert torch.equal(sorted_out.grad, reference_rows.grad)

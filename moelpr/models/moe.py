@@ -318,8 +318,8 @@ def run_experts(
             output = contribution if output is None else output + contribution
         return output
     order, inverse, sorted_experts, slot_weights = _slot_order(weights, selected)
-    num_tokens = tokens.shape[0]
-    sorted_tokens = _GatherSlots.apply(tokens, order, inverse, top_k)
+    slot_tokens = torch.div(order, top_k, rounding_mode="floor")  # the token of each sorted slot
+    sorted_tokens = _GatherSlots.apply(tokens, slot_tokens, inverse, top_k)
     if grouped:
         expert_ids = torch.arange(len(experts), device=tokens.device, dtype=sorted_experts.dtype)
         # End of each expert's group among the sorted slots, found on the device.
@@ -331,25 +331,23 @@ def run_experts(
                  if count or run_idle]
         sorted_out = torch.cat(parts) if parts else sorted_tokens  # no part: no token either
     sorted_out = sorted_out * slot_weights[:, None].to(tokens.dtype)
-    # Back to slot order (token by token), then each token's slots summed in expert order.
-    slots = _Permute.apply(sorted_out, inverse, order).view(num_tokens, top_k, -1)
-    output = slots[:, 0]
-    for slot in range(1, top_k):
-        output = output + slots[:, slot]
-    return output
+    return _SumSlots.apply(sorted_out, inverse, slot_tokens, top_k)
 
 
 class _GatherSlots(torch.autograd.Function):
-    """Each slot's token in expert order, ``tokens[order // top_k]`` (slot ``s`` is token ``s // top_k``'s), in one
-    gather without materialising the k copies of every token first. Its gradient gathers back by the inverse
-    permutation and sums a token's k slots, so neither direction scatter-adds: gathers are deterministic, where a
-    scatter-add accumulates with atomics on GPUs (on the CPU the two measured alike, benchmarks/README.md)."""
+    """Each slot's token in expert order, ``tokens[slot_tokens]`` (``slot_tokens = order // top_k``: slot ``s`` is
+    token ``s // top_k``'s), in one gather without materialising the k copies of every token first. Its gradient
+    gathers back by the inverse permutation and sums a token's k slots, so neither direction scatter-adds: gathers
+    are deterministic, where a scatter-add accumulates with atomics on GPUs (on the CPU the two measured alike,
+    benchmarks/README.md)."""
 
     @staticmethod
-    def forward(ctx, tokens: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+    def forward(
+        ctx, tokens: torch.Tensor, slot_tokens: torch.Tensor, inverse: torch.Tensor, top_k: int
+    ) -> torch.Tensor:
         ctx.save_for_backward(inverse)
         ctx.top_k = top_k
-        return tokens.index_select(0, torch.div(order, top_k, rounding_mode="floor"))
+        return tokens.index_select(0, slot_tokens)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -358,19 +356,26 @@ class _GatherSlots(torch.autograd.Function):
         return by_slot.view(-1, ctx.top_k, by_slot.shape[-1]).sum(dim=1), None, None, None
 
 
-class _Permute(torch.autograd.Function):
-    """``x[order]`` for a permutation ``order`` whose inverse is ``inverse``: the gradient is ``grad[inverse]``, a
-    gather, where autograd's own gradient of indexing would scatter-add."""
+class _SumSlots(torch.autograd.Function):
+    """Each token's output: its k slots' rows of ``sorted_out`` (expert order) read back by the inverse
+    permutation and added in expert order. The gradient is one gather, ``grad[slot_tokens]``, where indexing and
+    slicing would let autograd write zero-filled ``[tokens, k, hidden]`` gradients for every slot and add them."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, order)
+    def forward(
+        ctx, sorted_out: torch.Tensor, inverse: torch.Tensor, slot_tokens: torch.Tensor, top_k: int
+    ) -> torch.Tensor:
+        ctx.save_for_backward(slot_tokens)
+        slots = sorted_out.index_select(0, inverse).view(-1, top_k, sorted_out.shape[-1])
+        output = slots[:, 0]
+        for slot in range(1, top_k):
+            output = output + slots[:, slot]
+        return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad_output.index_select(0, inverse), None, None
+        (slot_tokens,) = ctx.saved_tensors
+        return grad_output.index_select(0, slot_tokens), None, None, None
 
 
 def _slot_order(
