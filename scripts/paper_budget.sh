@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's budgets on the demo's base (SmolLM2-135M-Instruct, the demo's corpora and recipes). Long: hours on a
 # 2-core CPU. Every training run checkpoints and resumes where it stopped, every finished step is skipped, so run it
-# in the background and start it again after it was stopped (see docs/comparison.md, "Not yet measured"):
+# in the background and start it again after it was stopped (see docs/comparison.md, "The paper's multilingual claims"):
 #
 #   nohup bash scripts/paper_budget.sh --review-budget > work/review-budget.log 2>&1 &
 #   nohup bash scripts/paper_budget.sh --layermoe > work/layermoe.log 2>&1 &
