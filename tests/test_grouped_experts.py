@@ -224,7 +224,7 @@ def test_slot_gather_is_the_broadcast_then_permutation_it_replaces(dtype, top_k)
 def test_slot_sum_is_the_permutation_then_slot_sum_it_replaces(dtype, top_k):
     """The combine's gather-and-add against autograd's indexing and slicing of the same rows: the same outputs and,
     bit for bit, the same gradient of the expert-ordered rows (one gather instead of zero-filled slot gradients)."""
-    from moelpr.models.moe import _SumSlots, _slot_order
+    from moelpr.models.moe import _slot_order, _SumSlots
 
     torch.manual_seed(top_k)
     probs = torch.rand(37, 5).softmax(dim=-1)
@@ -243,3 +243,46 @@ def test_slot_sum_is_the_permutation_then_slot_sum_it_replaces(dtype, top_k):
     (reference * upstream).sum().backward()
     assert torch.equal(summed, reference)
     assert torch.equal(sorted_out.grad, reference_rows.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_loop_pads_bf16_expert_rows_to_repeating_counts_and_drops_the_padding(dtype, monkeypatch):
+    """On the CPU in bf16 each expert's rows are padded to a multiple of CPU_EXPERT_ROWS_MULTIPLE (so oneDNN reuses
+    its kernels); the outputs and the gradients of the tokens, the router and the experts are the unpadded run's
+    within bf16 rounding, and nothing of the padding reaches them. float32 (MKL) runs the rows as they are."""
+    from moelpr.models import moe
+
+    torch.manual_seed(0)
+    block = MoELPRSparseBlock(32, 4, 2, lambda: LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=48)))
+    block = block.to(dtype).train()
+    with torch.no_grad():
+        for expert in block.new_experts:
+            expert.down_proj.weight.mul_(1.5)
+        block.router.weight.normal_(std=0.5)
+    hidden = torch.randn(2, 70, 32, dtype=dtype)  # 140 tokens x 2 slots: about 70 rows per expert
+
+    def run(multiple: int) -> tuple[list[int], torch.Tensor, dict[str, torch.Tensor]]:
+        monkeypatch.setattr(moe, "CPU_EXPERT_ROWS_MULTIPLE", multiple)
+        rows = []
+        hooks = [e.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0])) for e in block.experts()]
+        block.zero_grad(set_to_none=True)
+        tokens = hidden.clone().requires_grad_()
+        output = block(tokens)
+        (output.float() * torch.linspace(-1, 1, 32)).sum().backward()
+        for hook in hooks:
+            hook.remove()
+        grads = {name: p.grad.float() for name, p in block.named_parameters()} | {"tokens": tokens.grad.float()}
+        return rows, output.float(), grads
+
+    rows, output, grads = run(32)
+    reference_rows, reference, reference_grads = run(1)
+    assert sum(reference_rows) == 140 * 2 and all(count >= 32 for count in reference_rows)
+    if dtype == torch.bfloat16:
+        assert all(count % 32 == 0 for count in rows) and rows != reference_rows
+        tolerance = {"atol": 2e-2, "rtol": 2e-2}
+    else:
+        assert rows == reference_rows
+        tolerance = {"atol": 0.0, "rtol": 0.0}
+    torch.testing.assert_close(output, reference, **tolerance)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(grads[name], grad, **tolerance, msg=name)

@@ -327,11 +327,39 @@ def run_experts(
         sorted_out = _grouped_ffn(experts, sorted_tokens, offsets)
     else:
         counts = torch.bincount(sorted_experts, minlength=len(experts)).tolist()  # the one host sync of the block
-        parts = [expert(part) for expert, part, count in zip(experts, sorted_tokens.split(counts), counts)
-                 if count or run_idle]
+        onednn = tokens.device.type == "cpu" and _compute_dtype(tokens) in (torch.bfloat16, torch.float16)
+        run = _run_padded if onednn else _run
+        parts = [
+            run(expert, part)
+            for expert, part, count in zip(experts, sorted_tokens.split(counts), counts)
+            if count or run_idle
+        ]
         sorted_out = torch.cat(parts) if parts else sorted_tokens  # no part: no token either
     sorted_out = sorted_out * slot_weights[:, None].to(tokens.dtype)
     return _SumSlots.apply(sorted_out, inverse, slot_tokens, top_k)
+
+
+# oneDNN, which runs the CPU's bf16 and float16 matrix products, builds (and caches) a kernel for every new row
+# count, and an expert's row count changes with every batch and layer: on two threads, bf16 products of SmolLM2's
+# expert shape ran 15% slower with a new row count each call than with the same counts repeated; float32 (MKL)
+# showed no such difference (benchmarks/README.md).
+# Rounded up to a multiple of this, the counts repeat; the padding rows (zeros) are dropped from the output, so
+# no gradient comes from them.
+# Fewer rows than that (decoding, small batches) run as they are: a product's rows round alike only at the same
+# row count, and the one-token decoding path must add exactly as the batched path does.
+CPU_EXPERT_ROWS_MULTIPLE = 32
+
+
+def _run(expert: nn.Module, part: torch.Tensor) -> torch.Tensor:
+    return expert(part)
+
+
+def _run_padded(expert: nn.Module, part: torch.Tensor) -> torch.Tensor:
+    rows = part.shape[0]
+    padding = -rows % CPU_EXPERT_ROWS_MULTIPLE
+    if not padding or rows < CPU_EXPERT_ROWS_MULTIPLE:
+        return expert(part)
+    return expert(F.pad(part, (0, 0, 0, padding)))[:rows]
 
 
 class _GatherSlots(torch.autograd.Function):
