@@ -342,11 +342,10 @@ def run_experts(
 # oneDNN, which runs the CPU's bf16 and float16 matrix products, builds (and caches) a kernel for every new row
 # count, and an expert's row count changes with every batch and layer: on two threads, bf16 products of SmolLM2's
 # expert shape ran 15% slower with a new row count each call than with the same counts repeated; float32 (MKL)
-# showed no such difference (benchmarks/README.md).
-# Rounded up to a multiple of this, the counts repeat; the padding rows (zeros) are dropped from the output, so
-# no gradient comes from them.
-# Fewer rows than that (decoding, small batches) run as they are: a product's rows round alike only at the same
-# row count, and the one-token decoding path must add exactly as the batched path does.
+# showed no such difference (benchmarks/README.md). Rounded up to a multiple of this, the counts repeat; the
+# padding rows (zeros) are dropped from the output, so no gradient comes from them. Fewer rows than that
+# (decoding, small batches) run as they are: a product's rows round alike only at the same row count, and the
+# one-token decoding path must add exactly as the batched path does.
 CPU_EXPERT_ROWS_MULTIPLE = 32
 
 
