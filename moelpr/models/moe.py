@@ -328,9 +328,9 @@ def run_experts(
     else:
         counts = torch.bincount(sorted_experts, minlength=len(experts)).tolist()  # the one host sync of the block
         onednn = tokens.device.type == "cpu" and _compute_dtype(tokens) in (torch.bfloat16, torch.float16)
-        run = _run_padded if onednn else _run
+        multiple = CPU_EXPERT_ROWS_MULTIPLE if onednn else 1
         parts = [
-            run(expert, part)
+            _run_padded(expert, part, multiple)
             for expert, part, count in zip(experts, sorted_tokens.split(counts), counts)
             if count or run_idle
         ]
@@ -349,14 +349,11 @@ def run_experts(
 CPU_EXPERT_ROWS_MULTIPLE = 32
 
 
-def _run(expert: nn.Module, part: torch.Tensor) -> torch.Tensor:
-    return expert(part)
-
-
-def _run_padded(expert: nn.Module, part: torch.Tensor) -> torch.Tensor:
+def _run_padded(expert: nn.Module, part: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``expert(part)``, its rows padded with zeros to a multiple of ``multiple`` (from ``multiple`` rows on)."""
     rows = part.shape[0]
-    padding = -rows % CPU_EXPERT_ROWS_MULTIPLE
-    if not padding or rows < CPU_EXPERT_ROWS_MULTIPLE:
+    padding = -rows % multiple
+    if not padding or rows < multiple:
         return expert(part)
     return expert(F.pad(part, (0, 0, 0, padding)))[:rows]
 
