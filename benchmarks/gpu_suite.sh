@@ -4,9 +4,9 @@
 #   1. bf16 training step time, tokens/s and peak step memory of MoE-LPR stage 1 and stage 2 (experts run as a loop
 #      and grouped) against dense full fine-tuning, on a random model of Qwen2.5-0.5B's shape (step_time.json),
 #      and the check that no MoE block synchronises host and GPU in its training forward/backward (sync_check.json);
-#   2. both stages through `llamafactory-cli train` under DeepSpeed ZeRO-2 and ZeRO-3 on the one GPU in bf16, and
-#      the freeze rules checked bit for bit against the bf16 upcycled checkpoint (freeze_zero{2,3}.json);
-#   3. prefill and decode speed of the MoE model against the dense one (inference_{auto,loop}.json).
+#   2. prefill and decode speed of the MoE model against the dense one (inference_{auto,loop}.json);
+#   3. both stages through `llamafactory-cli train` under DeepSpeed ZeRO-2 and ZeRO-3 on the one GPU in bf16, and
+#      the freeze rules checked bit for bit against the bf16 upcycled checkpoint (freeze_zero{2,3}.json).
 # summary.txt lists each part with its status and wall time; logs/ holds each command's output.
 #
 #   OUT=/path/to/results bash benchmarks/gpu_suite.sh
@@ -105,6 +105,12 @@ DENSE=$WORK/models/dense MOE=$WORK/models/moe
 run_part step_time 200 python "$REPO/benchmarks/step_time.py" --dense "$DENSE" --moe "$MOE" --device "$DEVICE" \
     "${STEP_ARGS[@]}" --json "$OUT/step_time.json"
 run_part sync_check 90 python "$REPO/benchmarks/sync_check.py" --moe "$MOE" --json "$OUT/sync_check.json"
+for implementation in "${IMPLEMENTATIONS[@]}"; do
+    run_part "inference_$implementation" 120 python "$REPO/benchmarks/inference_speed.py" --dense "$DENSE" \
+        --moe "$MOE" --device "$DEVICE" --implementation "$implementation" "${INFER_ARGS[@]}" \
+        --json "$OUT/inference_$implementation.json"
+done
+# The LLaMA-Factory runs last: they depend on the most packages, so a stack problem there costs no measurement.
 for under in "${STAGES_UNDER[@]}"; do
     write_recipes "$under"
     # Under DeepSpeed one process per GPU, launched as torchrun launches several (DeepSpeed wants its setup).
@@ -114,11 +120,6 @@ for under in "${STAGES_UNDER[@]}"; do
         llamafactory-cli train stage2.yaml"
     run_part "freeze_$under" 120 python "$REPO/benchmarks/check_freeze.py" --upcycled "$MOE" \
         --stage1 "$WORK/train-$under/stage1" --stage2 "$WORK/train-$under/stage2" --json "$OUT/freeze_$under.json"
-done
-for implementation in "${IMPLEMENTATIONS[@]}"; do
-    run_part "inference_$implementation" 120 python "$REPO/benchmarks/inference_speed.py" --dense "$DENSE" \
-        --moe "$MOE" --device "$DEVICE" --implementation "$implementation" "${INFER_ARGS[@]}" \
-        --json "$OUT/inference_$implementation.json"
 done
 echo "finished $(date -u +%FT%TZ), $SECONDS s in all" | tee -a "$OUT/summary.txt"
 exit $FAILED
