@@ -17,7 +17,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from moelpr.checkpoints.slim import MOE_BASE, is_slim_checkpoint, resolve_base, write_reference
 from moelpr.checkpoints.streaming import CheckpointReader
-from moelpr.models import fusion_stats, routing_stats
+from moelpr.models import fusion_stat_tensors, routing_stat_tensors
 from moelpr.models.configuration import CT
 from moelpr.models.modeling import micro_batch_share
 
@@ -38,23 +38,32 @@ def is_routing_log_key(key: str) -> bool:
 
 
 class RoutingMeter:
-    """Means of the per-micro-batch routing values since the last log, over all ranks."""
+    """Means of the per-micro-batch routing values since the last log, over all ranks.
 
-    def __init__(self, num_experts: int) -> None:
+    The sums live on the training device and every value arrives as a tensor there, so metering a micro-batch
+    never waits for the GPU; the one host transfer is at log time."""
+
+    def __init__(self, num_experts: int, device: torch.device | str) -> None:
         experts = (f"{EXPERT_SHARE_PREFIX}{i}" for i in range(num_experts))
         self.keys = [*LOSS_KEYS, *experts, OLD_LANG_EXPERT0_KEY, *FUSION_KEYS]
-        self._sums = torch.zeros(2, len(self.keys), dtype=torch.float64)  # row 0: sums, row 1: counts
+        self._sums = torch.zeros(2, len(self.keys), dtype=torch.float64, device=device)  # row 0: sums, row 1: counts
+        self._absent = torch.tensor(float("nan"), dtype=torch.float64, device=device)
 
-    def add(self, values: dict[str, float]) -> None:
-        for index, key in enumerate(self.keys):
-            if key in values:
-                self._sums[0, index] += values[key]
-                self._sums[1, index] += 1
+    def add(self, values: dict[str, torch.Tensor | float]) -> None:
+        """A NaN value (or a key left out) is one this micro-batch could not give, and is not counted."""
+        device = self._sums.device
+        row = torch.stack(
+            [torch.as_tensor(values[k], dtype=torch.float64, device=device) if k in values else self._absent
+             for k in self.keys]
+        )
+        given = ~row.isnan()
+        self._sums[0] += torch.where(given, row, 0.0)
+        self._sums[1] += given
 
     def summary(self, accelerator: Any) -> dict[str, float]:
         """Collective under DDP: every rank must call it at the same step (as Trainer.log is)."""
-        totals = accelerator.reduce(self._sums.to(accelerator.device), reduction="sum").cpu()
-        self._sums.zero_()
+        sums, self._sums = self._sums, torch.zeros_like(self._sums)
+        totals = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
         return {key: round(float(s / n), 4) for key, s, n in zip(self.keys, totals[0], totals[1]) if n > 0}
 
 
@@ -70,7 +79,7 @@ class MoELPRTrainer(CustomTrainer):
                 "A MoE-LPR model must be trained on the loss it returns: a custom `compute_loss_func` or label "
                 "smoothing computes another loss from the logits, and the router losses would get no gradient."
             )
-        self._routing_meter = RoutingMeter(self.model.config.max_num_experts) if moe else None
+        self._routing_meter = RoutingMeter(self.model.config.max_num_experts, self.args.device) if moe else None
         # Slim saves refer to the checkpoint this run loaded (docs/checkpoints.md).
         self._saves_slim = moe and not getattr(self.finetuning_args, "moelpr_save_full", False)
         self._base_checkpoint = self.model.config.name_or_path
@@ -90,22 +99,20 @@ class MoELPRTrainer(CustomTrainer):
         token_mask, lang_mask = inputs.get("attention_mask"), inputs.get("lang_mask")
         ct = self.model.config.moe_method == CT
         # MoE-CT's expert 0 is a routed copy, not the original FFN: its use shows in the fusion weights instead.
-        values = routing_stats(
+        values = routing_stat_tensors(
             outputs.router_logits,
             self.model.config.num_experts_per_tok,
             token_mask=token_mask,
             lang_mask=None if ct else lang_mask,
         )
-        values["aux_loss"] = outputs.aux_loss.item()
+        values["aux_loss"] = outputs.aux_loss.detach()
         if ct:
-            values.update(fusion_stats(outputs.ffn_fusion_weights, token_mask, lang_mask))
+            values.update(fusion_stat_tensors(outputs.ffn_fusion_weights, token_mask, lang_mask))
         else:
-            values["lpr_loss"] = outputs.lpr_loss.item()
+            values["lpr_loss"] = outputs.lpr_loss.detach()
         # The model scales its LM loss by this micro-batch's share of the step's tokens; undo it so
-        # lm_loss reads as a per-token loss whatever the gradient accumulation.
-        share = micro_batch_share(inputs["labels"], num_items_in_batch)
-        if share > 0:
-            values["lm_loss"] = outputs.lm_loss.item() / share
+        # lm_loss reads as a per-token loss whatever the gradient accumulation. No labelled token: 0/0, NaN.
+        values["lm_loss"] = outputs.lm_loss.detach() / micro_batch_share(inputs["labels"], num_items_in_batch)
         self._routing_meter.add(values)
         return (loss, outputs) if return_outputs else loss
 

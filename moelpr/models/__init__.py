@@ -6,8 +6,8 @@ from .gemma3_text_moelpr import Gemma3TextMoELPRConfig, Gemma3TextMoELPRForCausa
 from .llama_moelpr import LlamaMoELPRConfig, LlamaMoELPRForCausalLM
 from .mistral_moelpr import MistralMoELPRConfig, MistralMoELPRForCausalLM
 from .modeling import MOE_BLOCK_CLASSES, MoELPRCausalLMOutputWithPast, MoELPRForCausalLMMixin
-from .moe import MoELPRSparseBlock, routing_stats
-from .moe_ct import MoECTBlock, fusion_stats
+from .moe import MoELPRSparseBlock, routing_stat_tensors, routing_stats
+from .moe_ct import MoECTBlock, fusion_stat_tensors, fusion_stats
 from .qwen2_moelpr import Qwen2MoELPRConfig, Qwen2MoELPRForCausalLM
 from .qwen3_moelpr import Qwen3MoELPRConfig, Qwen3MoELPRForCausalLM
 
@@ -41,6 +41,8 @@ __all__ = [
     "Qwen2MoELPRForCausalLM",
     "Qwen3MoELPRConfig",
     "Qwen3MoELPRForCausalLM",
+    "fusion_stat_tensors",
     "fusion_stats",
+    "routing_stat_tensors",
     "routing_stats",
 ]

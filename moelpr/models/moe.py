@@ -15,6 +15,7 @@ the masks of the pass it recomputes, in whichever thread autograd runs it.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -519,6 +520,48 @@ def probe_loss_scale(loss: torch.Tensor, scale: LossScale) -> torch.Tensor:
     return _ProbeLossScale.apply(loss, scale)
 
 
+def routing_stat_tensors(
+    router_logits: Sequence[torch.Tensor],
+    top_k: int,
+    token_mask: torch.Tensor | None = None,
+    lang_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """``routing_stats`` as 0-dim float tensors on the logits' device, computed without reading anything on the
+    host, so the training loop can log every micro-batch without a host sync. A value this batch cannot give
+    (no old-language token) is NaN instead of absent: its absence is data the host has not seen."""
+    if not router_logits:
+        return {}
+    num_experts = max(logits.shape[-1] for logits in router_logits)
+    device = router_logits[0].device
+    counted = token_mask.reshape(-1).to(device, torch.float32) if token_mask is not None else None
+    old = lang_mask.reshape(-1).to(device, torch.float32) if lang_mask is not None else None
+    if old is not None and counted is not None:
+        old = old * counted
+    shares = torch.zeros(num_experts, device=device)
+    expert0_shares = []
+    for logits in router_logits:
+        logits = logits.detach().float()
+        selected = torch.topk(logits, top_k, dim=-1).indices
+        # Masks as weights, not boolean indexing: indexing would read the mask's count on the host.
+        weights = torch.ones_like(selected, dtype=torch.float32)
+        if counted is not None:
+            weights = weights * counted[:, None]
+        slots = torch.zeros(num_experts, device=device).scatter_add_(0, selected.reshape(-1), weights.reshape(-1))
+        shares += slots / weights.sum().clamp(min=1.0)
+        if old is not None:
+            expert0_shares.append(((logits.argmax(dim=-1) == 0).float() * old).sum() / old.sum())  # 0/0 = NaN
+    stats = {f"expert_share_{i}": shares[i] / len(router_logits) for i in range(num_experts)}
+    if expert0_shares:
+        stats["old_lang_expert0_top1_share"] = torch.stack(expert0_shares).mean()
+    return stats
+
+
+def as_floats(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-dim tensors as floats in one host transfer, leaving out the NaNs (values a batch could not give)."""
+    values = torch.stack([t.float() for t in tensors.values()]).tolist() if tensors else []
+    return {key: value for key, value in zip(tensors, values) if not math.isnan(value)}
+
+
 def routing_stats(
     router_logits: Sequence[torch.Tensor],
     top_k: int,
@@ -531,23 +574,4 @@ def routing_stats(
     fewer experts count 0 for the experts they lack). ``old_lang_expert0_top1_share``: share of old-language
     tokens whose top-1 expert is expert 0 (absent when the batch has no old-language token).
     """
-    if not router_logits:
-        return {}
-    num_experts = max(logits.shape[-1] for logits in router_logits)
-    flat_token = token_mask.reshape(-1).bool().cpu() if token_mask is not None else None
-    flat_old = lang_mask.reshape(-1).bool().cpu() if lang_mask is not None else None
-    if flat_old is not None and flat_token is not None:
-        flat_old = flat_old & flat_token
-    shares = torch.zeros(num_experts)
-    expert0_shares = []
-    for logits in router_logits:
-        logits = logits.detach().float().cpu()
-        selected = torch.topk(logits, top_k, dim=-1).indices
-        counted = selected if flat_token is None else selected[flat_token]
-        shares += torch.bincount(counted.reshape(-1), minlength=num_experts).float() / max(counted.numel(), 1)
-        if flat_old is not None and bool(flat_old.any()):
-            expert0_shares.append((logits[flat_old].argmax(dim=-1) == 0).float().mean().item())
-    stats = {f"expert_share_{i}": (shares[i] / len(router_logits)).item() for i in range(num_experts)}
-    if expert0_shares:
-        stats["old_lang_expert0_top1_share"] = sum(expert0_shares) / len(expert0_shares)
-    return stats
+    return as_floats(routing_stat_tensors(router_logits, top_k, token_mask, lang_mask))

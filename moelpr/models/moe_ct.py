@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moe import ROUTER_NAME, record_routing, route, run_experts, upcycled_expert_tensors
+from .moe import ROUTER_NAME, as_floats, record_routing, route, run_experts, upcycled_expert_tensors
 
 # Parameter-name part of the fusion layer ``W_c`` (trainable in MoE-CT).
 FUSION_NAME = "fusion"
@@ -80,28 +80,36 @@ class MoECTBlock(nn.Module):
         return record_routing(output, router_logits, router_probs, selected, with_lpr=False, ffn_weight=fusion[:, 1])
 
 
+def fusion_stat_tensors(
+    ffn_weights: Sequence[torch.Tensor], token_mask: torch.Tensor | None = None, lang_mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """``fusion_stats`` as 0-dim tensors on the weights' device, without a host sync (see ``routing_stat_tensors``):
+    a group this batch has no token of is NaN."""
+    if not ffn_weights:
+        return {}
+    device = ffn_weights[0].device
+    valid = token_mask.reshape(-1).to(device, torch.float32) if token_mask is not None else None
+    groups = {"ffn_fusion_weight": valid}
+    if lang_mask is not None:
+        old = lang_mask.reshape(-1).to(device, torch.float32)
+        everything = valid if valid is not None else torch.ones_like(old)
+        groups["old_lang_ffn_fusion_weight"] = old * everything
+        groups["new_lang_ffn_fusion_weight"] = (1.0 - old) * everything
+    weights = [w.detach().float() for w in ffn_weights]
+    stats = {}
+    for key, mask in groups.items():
+        means = [w.mean() if mask is None else (w * mask).sum() / mask.sum() for w in weights]  # 0/0 = NaN
+        stats[key] = torch.stack(means).mean()
+    return stats
+
+
 def fusion_stats(
     ffn_weights: Sequence[torch.Tensor], token_mask: torch.Tensor | None = None, lang_mask: torch.Tensor | None = None
 ) -> dict[str, float]:
     """MoE-CT's fusion summary averaged over MoE layers, for training logs: ``ffn_fusion_weight``, the mean weight
     on the frozen FFN over non-padding tokens, and with a language mask ``old_lang_ffn_fusion_weight`` /
     ``new_lang_ffn_fusion_weight`` over old- / new-language tokens (each absent when the batch has none)."""
-    if not ffn_weights:
-        return {}
-    valid = token_mask.reshape(-1).bool().cpu() if token_mask is not None else None
-    groups = {"ffn_fusion_weight": valid}
-    if lang_mask is not None:
-        old = lang_mask.reshape(-1).bool().cpu()
-        everything = valid if valid is not None else torch.ones_like(old)
-        groups["old_lang_ffn_fusion_weight"] = old & everything
-        groups["new_lang_ffn_fusion_weight"] = ~old & everything
-    stats = {}
-    for key, mask in groups.items():
-        if mask is not None and not bool(mask.any()):
-            continue
-        means = [(w.detach().float().cpu() if mask is None else w.detach().float().cpu()[mask]).mean() for w in ffn_weights]
-        stats[key] = torch.stack(means).mean().item()
-    return stats
+    return as_floats(fusion_stat_tensors(ffn_weights, token_mask, lang_mask))
 
 
-__all__ = ["FUSION_NAME", "MoECTBlock", "fusion_stats"]
+__all__ = ["FUSION_NAME", "MoECTBlock", "fusion_stat_tensors", "fusion_stats"]
