@@ -11,6 +11,8 @@
 #
 #   OUT=/path/to/results bash benchmarks/gpu_suite.sh
 #   OUT=/path/to/results bash benchmarks/gpu_suite.sh --cpu-tiny   # the same parts on tiny models on the CPU (CI)
+#   OUT=/path/to/results bash benchmarks/gpu_suite.sh --parts train   # some parts again (of step_time, sync_check,
+#                                                                     # inference, train)
 #
 # --cpu-tiny runs every script of the suite on a 2-layer model with a few steps, so the suite cannot rot; its
 # LLaMA-Factory runs go without DeepSpeed (tests/test_plugin_deepspeed.py trains under ZeRO-2/3 on the CPU), its
@@ -21,12 +23,20 @@ set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/gpu_suite_out}
 MODE=gpu
-if [[ ${1:-} == --cpu-tiny ]]; then
-    MODE=cpu-tiny
-elif [[ -n ${1:-} ]]; then
-    echo "usage: OUT=DIR bash benchmarks/gpu_suite.sh [--cpu-tiny]" >&2
-    exit 2
-fi
+PARTS=step_time,sync_check,inference,train
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --cpu-tiny) MODE=cpu-tiny ;;
+        --parts) PARTS=${2:-}; shift ;;
+        *) echo "usage: OUT=DIR bash benchmarks/gpu_suite.sh [--cpu-tiny] [--parts $PARTS]" >&2; exit 2 ;;
+    esac
+    shift
+done
+# wants PART: whether --parts names PART (the models are always made: every part uses them).
+wants() { [[ ",$PARTS," == *",$1,"* ]]; }
+for part in ${PARTS//,/ }; do
+    [[ $part =~ ^(step_time|sync_check|inference|train)$ ]] || { echo "unknown part '$part' in --parts" >&2; exit 2; }
+done
 mkdir -p "$OUT/logs"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/moelpr-gpu-suite.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -102,15 +112,18 @@ echo "mode: $MODE, shape: $SHAPE, started $(date -u +%FT%TZ)" | tee -a "$OUT/sum
 run_part models 240 python "$REPO/benchmarks/random_models.py" --shape "$SHAPE" --output_dir "$WORK/models" \
     --num_experts 4 --topk 2 $DTYPE_FLAG
 DENSE=$WORK/models/dense MOE=$WORK/models/moe
-run_part step_time 200 python "$REPO/benchmarks/step_time.py" --dense "$DENSE" --moe "$MOE" --device "$DEVICE" \
-    "${STEP_ARGS[@]}" --json "$OUT/step_time.json"
-run_part sync_check 90 python "$REPO/benchmarks/sync_check.py" --moe "$MOE" --json "$OUT/sync_check.json"
+wants step_time && run_part step_time 200 python "$REPO/benchmarks/step_time.py" --dense "$DENSE" --moe "$MOE" \
+    --device "$DEVICE" "${STEP_ARGS[@]}" --json "$OUT/step_time.json"
+wants sync_check && run_part sync_check 90 python "$REPO/benchmarks/sync_check.py" --moe "$MOE" \
+    --json "$OUT/sync_check.json"
+wants inference || IMPLEMENTATIONS=()
 for implementation in "${IMPLEMENTATIONS[@]}"; do
     run_part "inference_$implementation" 120 python "$REPO/benchmarks/inference_speed.py" --dense "$DENSE" \
         --moe "$MOE" --device "$DEVICE" --implementation "$implementation" "${INFER_ARGS[@]}" \
         --json "$OUT/inference_$implementation.json"
 done
 # The LLaMA-Factory runs last: they depend on the most packages, so a stack problem there costs no measurement.
+wants train || STAGES_UNDER=()
 for under in "${STAGES_UNDER[@]}"; do
     write_recipes "$under"
     # Under DeepSpeed one process per GPU, launched as torchrun launches several (DeepSpeed wants its setup).
