@@ -53,8 +53,10 @@ class RoutingMeter:
         """A NaN value (or a key left out) is one this micro-batch could not give, and is not counted."""
         device = self._sums.device
         row = torch.stack(
-            [torch.as_tensor(values[k], dtype=torch.float64, device=device) if k in values else self._absent
-             for k in self.keys]
+            [
+                torch.as_tensor(values[k], dtype=torch.float64, device=device) if k in values else self._absent
+                for k in self.keys
+            ]
         )
         given = ~row.isnan()
         self._sums[0] += torch.where(given, row, 0.0)
