@@ -538,19 +538,22 @@ def routing_stat_tensors(
     old = lang_mask.reshape(-1).to(device, torch.float32) if lang_mask is not None else None
     if old is not None and counted is not None:
         old = old * counted
+    # Masks as weights, not boolean indexing: indexing would read the mask's count on the host. Every layer routes
+    # the same tokens, so the slot weights and the counts are the same for all.
+    tokens = router_logits[0].shape[0]
+    slot_weights = (counted if counted is not None else torch.ones(tokens, device=device))[:, None]
+    slot_weights = slot_weights.expand(tokens, top_k).reshape(-1)
+    slots_counted = slot_weights.sum().clamp(min=1.0)
+    old_counted = old.sum() if old is not None else None
     shares = torch.zeros(num_experts, device=device)
     expert0_shares = []
     for logits in router_logits:
         logits = logits.detach().float()
         selected = torch.topk(logits, top_k, dim=-1).indices
-        # Masks as weights, not boolean indexing: indexing would read the mask's count on the host.
-        weights = torch.ones_like(selected, dtype=torch.float32)
-        if counted is not None:
-            weights = weights * counted[:, None]
-        slots = torch.zeros(num_experts, device=device).scatter_add_(0, selected.reshape(-1), weights.reshape(-1))
-        shares += slots / weights.sum().clamp(min=1.0)
+        shares += torch.zeros(num_experts, device=device).scatter_add_(0, selected.reshape(-1), slot_weights)
         if old is not None:
-            expert0_shares.append(((logits.argmax(dim=-1) == 0).float() * old).sum() / old.sum())  # 0/0 = NaN
+            expert0_shares.append(((logits.argmax(dim=-1) == 0).float() * old).sum() / old_counted)  # 0/0 = NaN
+    shares = shares / slots_counted
     stats = {f"expert_share_{i}": shares[i] / len(router_logits) for i in range(num_experts)}
     if expert0_shares:
         stats["old_lang_expert0_top1_share"] = torch.stack(expert0_shares).mean()

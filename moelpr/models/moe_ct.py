@@ -98,7 +98,8 @@ def fusion_stat_tensors(
     weights = [w.detach().float() for w in ffn_weights]
     stats = {}
     for key, mask in groups.items():
-        means = [w.mean() if mask is None else (w * mask).sum() / mask.sum() for w in weights]  # 0/0 = NaN
+        counted = mask.sum() if mask is not None else None
+        means = [w.mean() if mask is None else (w * mask).sum() / counted for w in weights]  # 0/0 = NaN
         stats[key] = torch.stack(means).mean()
     return stats
 
