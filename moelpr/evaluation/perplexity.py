@@ -98,7 +98,7 @@ class RoutingTotals:
     tokens: int = 0
     top1_counts: list[torch.Tensor] = field(default_factory=list)  # per layer: [num_experts]
     prob_sums: list[torch.Tensor] = field(default_factory=list)  # per layer: [num_experts]
-    ffn_weight_sums: list[float] = field(default_factory=list)  # per layer (MoE-CT): fusion weight on the frozen FFN
+    ffn_weight_sums: list[torch.Tensor] = field(default_factory=list)  # per layer (MoE-CT): fusion weight on the frozen FFN
 
     def add(self, router_logits: Sequence[torch.Tensor], ffn_fusion_weights: Sequence[torch.Tensor] | None = None) -> None:
         for layer, logits in enumerate(router_logits):
@@ -111,9 +111,10 @@ class RoutingTotals:
             self.top1_counts[layer] += counts
             self.prob_sums[layer] += probs
         for layer, weights in enumerate(ffn_fusion_weights or ()):
+            weight_sum = weights.detach().double().sum()  # a device tensor: no host read per layer
             if layer == len(self.ffn_weight_sums):
-                self.ffn_weight_sums.append(0.0)
-            self.ffn_weight_sums[layer] += weights.detach().double().sum().item()
+                self.ffn_weight_sums.append(torch.zeros_like(weight_sum))
+            self.ffn_weight_sums[layer] += weight_sum
         self.tokens += int(router_logits[0].shape[0]) if router_logits else 0
 
     def expert0_top1_share(self) -> list[float]:
@@ -130,7 +131,7 @@ class RoutingTotals:
 
     def ffn_fusion_weight(self) -> list[float]:
         """Per layer (MoE-CT): the fusion weight on the frozen FFN averaged over tokens."""
-        return [w / self.tokens for w in self.ffn_weight_sums]
+        return [float(w) / self.tokens for w in self.ffn_weight_sums]
 
 
 @dataclass

@@ -130,13 +130,14 @@ def corpus_directions(
     decoder = model.get_decoder()
     layers = decoder.layers
     device = next(model.parameters()).device
-    sums = torch.zeros(len(layers), model.config.hidden_size, dtype=torch.float64)
+    # The sums stay on the model's device: a host copy per layer and batch would stall a GPU every layer.
+    sums = torch.zeros(len(layers), model.config.hidden_size, dtype=torch.float64, device=device)
     batch_mask: list[torch.Tensor] = []
 
     def capture(layer_idx: int):
         def hook(module, args):
             hidden = args[0][batch_mask[0]]  # [real tokens, hidden]
-            sums[layer_idx] += F.normalize(hidden.float(), dim=-1).sum(dim=0, dtype=torch.float64).cpu()
+            sums[layer_idx] += F.normalize(hidden.float(), dim=-1).sum(dim=0, dtype=torch.float64)
 
         return hook
 
@@ -157,7 +158,7 @@ def corpus_directions(
     finally:
         for handle in handles:
             handle.remove()
-    return sums / sum(len(ids) for ids in documents)
+    return sums.cpu() / sum(len(ids) for ids in documents)
 
 
 @dataclass
