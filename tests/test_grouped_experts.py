@@ -74,7 +74,7 @@ def _step(model, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Ten
 
 def _uses_grouped(model, batch) -> list[bool]:
     tokens = torch.zeros(batch["input_ids"].numel(), model.config.hidden_size, dtype=model.dtype)
-    experts = [b.experts() if hasattr(b, "experts") else b.new_experts for b in model.moe_blocks()]
+    experts = [b.routed_experts() for b in model.moe_blocks()]
     return [uses_grouped_experts(b.experts_implementation, e, tokens) for b, e in zip(model.moe_blocks(), experts)]
 
 
@@ -153,7 +153,7 @@ def test_grouped_under_autocast_matches_the_loop():
     for implementation in ("loop", "grouped"):
         block = _llama_block(implementation)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert uses_grouped_experts(implementation, block.experts(), tokens.reshape(-1, 32)) == (
+            assert uses_grouped_experts(implementation, block.routed_experts(), tokens.reshape(-1, 32)) == (
                 implementation == "grouped"
             )
             output = block(tokens)
@@ -172,12 +172,12 @@ def test_grouped_path_reads_no_tensor_value_on_the_host():
     block = _llama_block("grouped").to(device="meta", dtype=torch.bfloat16)
     tokens = torch.empty(9, 32, device="meta", dtype=torch.bfloat16, requires_grad=True)
     _, weights, selected = route(block.router(tokens), 2)
-    output = run_experts(tokens, block.experts(), weights, selected, run_idle=True, implementation="grouped")
+    output = run_experts(tokens, block.routed_experts(), weights, selected, run_idle=True, implementation="grouped")
     output.sum().backward()
     assert tokens.grad.shape == tokens.shape and block.new_experts[0].down_proj.weight.grad.is_meta
     loop = _llama_block("loop").to(device="meta", dtype=torch.bfloat16)
     with pytest.raises((RuntimeError, NotImplementedError)):  # the loop's bincount().tolist() is such a read
-        run_experts(tokens, loop.experts(), weights, selected, run_idle=True, implementation="loop")
+        run_experts(tokens, loop.routed_experts(), weights, selected, run_idle=True, implementation="loop")
 
 
 def test_auto_decodes_one_token_through_its_experts_even_where_it_would_group(monkeypatch):
@@ -193,22 +193,22 @@ def test_auto_decodes_one_token_through_its_experts_even_where_it_would_group(mo
     grouped_ffn = moe._grouped_ffn
     monkeypatch.setattr(moe, "uses_grouped_experts", lambda implementation, experts, tokens: True)
     monkeypatch.setattr(moe, "_grouped_ffn", lambda *args: grouped_calls.append(1) or grouped_ffn(*args))
-    auto = run_experts(token, block.experts(), weights, selected, run_idle=False, implementation="auto")
+    auto = run_experts(token, block.routed_experts(), weights, selected, run_idle=False, implementation="auto")
     assert not grouped_calls
-    loop = run_experts(token, block.experts(), weights, selected, run_idle=False, implementation="loop")
+    loop = run_experts(token, block.routed_experts(), weights, selected, run_idle=False, implementation="loop")
     assert torch.equal(auto, loop)
-    grouped = run_experts(token, block.experts(), weights, selected, run_idle=False, implementation="grouped")
+    grouped = run_experts(token, block.routed_experts(), weights, selected, run_idle=False, implementation="grouped")
     assert grouped_calls and torch.allclose(grouped, loop, atol=1e-6)
 
 
 def test_experts_that_cannot_be_grouped_run_the_loop_on_auto_and_refuse_grouped():
     tokens = torch.randn(5, 32)
     with_bias = _llama_block("auto", mlp_bias=True)
-    assert not uses_grouped_experts("auto", with_bias.experts(), tokens)
-    assert not uses_grouped_experts("auto", _llama_block("auto").experts(), tokens)  # CPU: the loop is faster there
-    assert uses_grouped_experts("grouped", _llama_block("auto").experts(), tokens)
+    assert not uses_grouped_experts("auto", with_bias.routed_experts(), tokens)
+    assert not uses_grouped_experts("auto", _llama_block("auto").routed_experts(), tokens)  # CPU: the loop is faster there
+    assert uses_grouped_experts("grouped", _llama_block("auto").routed_experts(), tokens)
     with pytest.raises(ValueError, match="moe_experts_implementation='grouped' needs bias-free"):
-        uses_grouped_experts("grouped", with_bias.experts(), tokens)
+        uses_grouped_experts("grouped", with_bias.routed_experts(), tokens)
 
 
 def test_unknown_experts_implementation_is_refused():
@@ -285,7 +285,7 @@ def test_cpu_loop_pads_bf16_expert_rows_to_repeating_counts_and_drops_the_paddin
     def run(multiple: int) -> tuple[list[int], torch.Tensor, dict[str, torch.Tensor]]:
         monkeypatch.setattr(moe, "CPU_EXPERT_ROWS_MULTIPLE", multiple)
         rows = []
-        hooks = [e.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0])) for e in block.experts()]
+        hooks = [e.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0])) for e in block.routed_experts()]
         block.zero_grad(set_to_none=True)
         tokens = hidden.clone().requires_grad_()
         output = block(tokens)

@@ -46,7 +46,7 @@ def test_upcycled_model_computes_the_dense_function(
     moe = AutoModelForCausalLM.from_pretrained(out)
     assert type(moe) is MOE_FAMILIES[family][1]
     counts = [
-        len(layer.mlp.experts()) if isinstance(layer.mlp, moelpr.models.MoELPRSparseBlock) else None
+        len(layer.mlp.routed_experts()) if isinstance(layer.mlp, moelpr.models.MoELPRSparseBlock) else None
         for layer in moe.model.layers
     ]
     assert counts == expected_counts
@@ -336,6 +336,6 @@ def test_single_token_path_adds_like_the_batched_path(llama_moe):
             expert.down_proj.weight.mul_(1.3)
         token = torch.randn(1, llama_moe.config.hidden_size, generator=torch.Generator().manual_seed(1))
         _, weights, selected = route(block.router(token), 3)
-        direct = run_experts(token, block.experts(), weights, selected, run_idle=False)
-        batched = run_experts(token, block.experts(), weights, selected, run_idle=True)
+        direct = run_experts(token, block.routed_experts(), weights, selected, run_idle=False)
+        batched = run_experts(token, block.routed_experts(), weights, selected, run_idle=True)
     assert torch.equal(direct, batched)

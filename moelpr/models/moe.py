@@ -428,15 +428,17 @@ def upcycled_expert_tensors(ffn: dict[str, torch.Tensor], num_experts: int) -> d
     return tensors
 
 
-class MoELPRSparseBlock(nn.Module):
-    """Upcycled FFN: expert 0 is the original FFN (its own name, so it can be frozen by name),
-    experts 1..N-1 start as its copies; a bias-free linear router picks the top-k per token.
+class RoutedExpertsBlock(nn.Module):
+    """What both methods' blocks hold: the original FFN (``original_expert``, its own name, so it can be frozen by
+    name), ``num_new_experts`` new experts (``new_experts``, started as its copies) and a bias-free linear router
+    over the ``num_experts`` routed experts (``routed_experts``) that picks the top-k per token.
     ``experts_implementation``: how the experts run (``configuration.EXPERTS_IMPLEMENTATIONS``)."""
 
     def __init__(
         self,
         hidden_size: int,
         num_experts: int,
+        num_new_experts: int,
         top_k: int,
         make_expert: Callable[[], nn.Module],
         experts_implementation: str = "auto",
@@ -447,9 +449,42 @@ class MoELPRSparseBlock(nn.Module):
         self.experts_implementation = experts_implementation
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         self.original_expert = make_expert()
-        self.new_experts = nn.ModuleList(make_expert() for _ in range(num_experts - 1))
+        self.new_experts = nn.ModuleList(make_expert() for _ in range(num_new_experts))
 
-    def experts(self) -> list[nn.Module]:
+    def routed_experts(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def route_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The routed experts' weighted output for ``tokens`` ``[n, hidden]``, with the router's logits, its
+        probabilities and the selected experts (what ``record_routing`` keeps)."""
+        router_logits = self.router(tokens)
+        router_probs, weights, selected = route(router_logits, self.top_k)
+        output = run_experts(
+            tokens,
+            self.routed_experts(),
+            weights,
+            selected,
+            run_idle=self.training,
+            implementation=self.experts_implementation,
+        )
+        return output, router_logits, router_probs, selected
+
+
+class MoELPRSparseBlock(RoutedExpertsBlock):
+    """Upcycled FFN: the router picks among all ``num_experts``, expert 0 being the original FFN and experts
+    1..N-1 its copies."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        make_expert: Callable[[], nn.Module],
+        experts_implementation: str = "auto",
+    ) -> None:
+        super().__init__(hidden_size, num_experts, num_experts - 1, top_k, make_expert, experts_implementation)
+
+    def routed_experts(self) -> list[nn.Module]:
         return [self.original_expert, *self.new_experts]
 
     @staticmethod
@@ -463,19 +498,8 @@ class MoELPRSparseBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, seq_len, hidden_size = hidden_states.shape
-        tokens = hidden_states.reshape(-1, hidden_size)
-        router_logits = self.router(tokens)
-        router_probs, weights, selected = route(router_logits, self.top_k)
-        output = run_experts(
-            tokens,
-            self.experts(),
-            weights,
-            selected,
-            run_idle=self.training,
-            implementation=self.experts_implementation,
-        )
-        output = output.reshape(batch, seq_len, hidden_size)
-        return record_routing(output, router_logits, router_probs, selected)
+        output, router_logits, router_probs, selected = self.route_tokens(hidden_states.reshape(-1, hidden_size))
+        return record_routing(output.reshape(batch, seq_len, hidden_size), router_logits, router_probs, selected)
 
 
 def record_routing(

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moe import ROUTER_NAME, as_floats, record_routing, route, run_experts, upcycled_expert_tensors
+from .moe import ROUTER_NAME, RoutedExpertsBlock, as_floats, record_routing, upcycled_expert_tensors
 
 # Parameter-name part of the fusion layer ``W_c`` (trainable in MoE-CT).
 FUSION_NAME = "fusion"
 
 
-class MoECTBlock(nn.Module):
+class MoECTBlock(RoutedExpertsBlock):
     """The frozen FFN (``original_expert``, the always-active shared expert), ``num_experts`` routed experts
     (``new_experts``) behind a bias-free top-k router, and the fusion layer ``fusion`` (``W_c``: hidden -> 2,
     with a bias as in DeepSpeed's residual MoE) whose softmax weighs the routed output (index 0) against the
@@ -37,14 +37,11 @@ class MoECTBlock(nn.Module):
         make_expert: Callable[[], nn.Module],
         experts_implementation: str = "auto",
     ) -> None:
-        super().__init__()
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.experts_implementation = experts_implementation
-        self.router = nn.Linear(hidden_size, num_experts, bias=False)
-        self.original_expert = make_expert()
-        self.new_experts = nn.ModuleList(make_expert() for _ in range(num_experts))
+        super().__init__(hidden_size, num_experts, num_experts, top_k, make_expert, experts_implementation)
         self.fusion = nn.Linear(hidden_size, 2, bias=True)
+
+    def routed_experts(self) -> list[nn.Module]:
+        return list(self.new_experts)
 
     @staticmethod
     def upcycled_tensors(
@@ -63,16 +60,7 @@ class MoECTBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, seq_len, hidden_size = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden_size)
-        router_logits = self.router(tokens)
-        router_probs, weights, selected = route(router_logits, self.top_k)
-        routed = run_experts(
-            tokens,
-            self.new_experts,
-            weights,
-            selected,
-            run_idle=self.training,
-            implementation=self.experts_implementation,
-        )
+        routed, router_logits, router_probs, selected = self.route_tokens(tokens)
         # In float32: the two weights then sum to 1 closely enough that copies of the FFN give back its output.
         fusion = F.softmax(self.fusion(tokens), dim=-1, dtype=torch.float32)
         mixed = fusion[:, :1] * routed.float() + fusion[:, 1:] * self.original_expert(tokens).float()
