@@ -430,15 +430,18 @@ def upcycled_expert_tensors(ffn: dict[str, torch.Tensor], num_experts: int) -> d
 
 class RoutedExpertsBlock(nn.Module):
     """What both methods' blocks hold: the original FFN (``original_expert``, its own name, so it can be frozen by
-    name), ``num_new_experts`` new experts (``new_experts``, started as its copies) and a bias-free linear router
-    over the ``num_experts`` routed experts (``routed_experts``) that picks the top-k per token.
+    name), new experts (``new_experts``, started as its copies) and a bias-free linear router over the
+    ``num_experts`` routed experts (``routed_experts``) that picks the top-k per token. A subclass says whether the
+    original FFN is one of the routed experts (``routes_original_expert``: MoE-LPR's expert 0) or stays outside
+    the router (MoE-CT's shared expert); the number of new experts follows from it.
     ``experts_implementation``: how the experts run (``configuration.EXPERTS_IMPLEMENTATIONS``)."""
+
+    routes_original_expert: bool
 
     def __init__(
         self,
         hidden_size: int,
         num_experts: int,
-        num_new_experts: int,
         top_k: int,
         make_expert: Callable[[], nn.Module],
         experts_implementation: str = "auto",
@@ -449,10 +452,11 @@ class RoutedExpertsBlock(nn.Module):
         self.experts_implementation = experts_implementation
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         self.original_expert = make_expert()
-        self.new_experts = nn.ModuleList(make_expert() for _ in range(num_new_experts))
+        num_new = num_experts - 1 if self.routes_original_expert else num_experts
+        self.new_experts = nn.ModuleList(make_expert() for _ in range(num_new))
 
     def routed_experts(self) -> list[nn.Module]:
-        raise NotImplementedError
+        return [self.original_expert, *self.new_experts] if self.routes_original_expert else list(self.new_experts)
 
     def route_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The routed experts' weighted output for ``tokens`` ``[n, hidden]``, with the router's logits, its
@@ -474,18 +478,7 @@ class MoELPRSparseBlock(RoutedExpertsBlock):
     """Upcycled FFN: the router picks among all ``num_experts``, expert 0 being the original FFN and experts
     1..N-1 its copies."""
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_experts: int,
-        top_k: int,
-        make_expert: Callable[[], nn.Module],
-        experts_implementation: str = "auto",
-    ) -> None:
-        super().__init__(hidden_size, num_experts, num_experts - 1, top_k, make_expert, experts_implementation)
-
-    def routed_experts(self) -> list[nn.Module]:
-        return [self.original_expert, *self.new_experts]
+    routes_original_expert = True
 
     @staticmethod
     def upcycled_tensors(

@@ -29,6 +29,8 @@ class MoECTBlock(RoutedExpertsBlock):
     frozen FFN's (index 1). ``experts_implementation``: how the routed experts run
     (``configuration.EXPERTS_IMPLEMENTATIONS``)."""
 
+    routes_original_expert = False
+
     def __init__(
         self,
         hidden_size: int,
@@ -37,11 +39,8 @@ class MoECTBlock(RoutedExpertsBlock):
         make_expert: Callable[[], nn.Module],
         experts_implementation: str = "auto",
     ) -> None:
-        super().__init__(hidden_size, num_experts, num_experts, top_k, make_expert, experts_implementation)
+        super().__init__(hidden_size, num_experts, top_k, make_expert, experts_implementation)
         self.fusion = nn.Linear(hidden_size, 2, bias=True)
-
-    def routed_experts(self) -> list[nn.Module]:
-        return list(self.new_experts)
 
     @staticmethod
     def upcycled_tensors(
