@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..corpora.jsonl_texts import iter_jsonl_texts
+from ..jsonl_texts import iter_jsonl_texts
 from ..models.configuration import CT, LPR
 from ..tokenization import restore_add_bos_token
 from .intervals import DEFAULT_LEVEL, DEFAULT_SAMPLES, change_interval, document_units, perplexity_interval

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..corpora.jsonl_texts import iter_jsonl_texts
+from ..jsonl_texts import iter_jsonl_texts
 
 AUTO_PREFIX = "auto:"
 ALLOCATION_FILE = "layer_allocation.json"
