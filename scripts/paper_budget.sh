@@ -18,6 +18,8 @@
 # MOELPR_SAVE_STEPS (checkpoint interval; default 25).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The lab (demo corpora, GGUF base models, the comparison) lives in lab/, outside the installed package.
+export PYTHONPATH="$PWD/lab${PYTHONPATH:+:$PYTHONPATH}"
 
 MODE=
 QUICK=0
@@ -71,8 +73,8 @@ source scripts/train_run.sh
 echo "[budget] $MODE: outputs in $WORK, bf16=$MOELPR_DEMO_BF16, quick=$QUICK, checkpoint every $SAVE_STEPS steps"
 
 say "Base model and corpora (the demo's)"
-python -m moelpr.gguf.convert --model smollm2 --output_dir "$BASE_MODEL"
-moelpr corpora --output_dir "$CORPORA" --cache_dir "$CACHE/debian" --new hu,tr,el --old en "${CORPUS_ARGS[@]}"
+python -m moelpr_lab.gguf.convert --model smollm2 --output_dir "$BASE_MODEL"
+python -m moelpr_lab.corpora --output_dir "$CORPORA" --cache_dir "$CACHE/debian" --new hu,tr,el --old en "${CORPUS_ARGS[@]}"
 
 # upcycle NAME ARGS...: one `moelpr upcycle` (the authors' router initialisation, the default), skipped when done.
 upcycle() {
@@ -148,6 +150,6 @@ for method in methods:
                  "logs": [f"{logs}/{r}.log" for r in runs]})
 open(out, "w").write(json.dumps({"base": "base", "reference": "full_ft", "methods": rows}, indent=2) + "\n")
 PY
-python -m moelpr.evaluation.comparison --eval_dir "$EVAL" --methods "$WORK/methods.json" \
+python -m moelpr_lab.comparison --eval_dir "$EVAL" --methods "$WORK/methods.json" \
     --output_dir "$WORK/comparison" 2>&1 | tee "$LOGS/comparison.log"
 say "Done: $WORK/comparison/comparison.md"

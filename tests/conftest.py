@@ -53,7 +53,7 @@ def gemma3_dense_dir(tmp_path_factory) -> Path:
 
     Converting takes about 2 minutes on 2 cores, so every test of the session shares one conversion.
     """
-    from moelpr.gguf.convert import convert_gguf, gemma3_270m_gguf_path
+    from moelpr_lab.gguf.convert import convert_gguf, gemma3_270m_gguf_path
 
     return convert_gguf(gemma3_270m_gguf_path(), tmp_path_factory.mktemp("gemma3") / "dense")
 

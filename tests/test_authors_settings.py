@@ -18,7 +18,10 @@ from test_corpora import GREEK, HUNGARIAN, help_corpus_tree, read_jsonl
 from transformers import AutoModelForCausalLM
 
 import moelpr.llamafactory_plugin as plugin
-from moelpr.corpora import (
+from moelpr.models.moe import lpr_loss
+from moelpr.upcycling.upcycle import main as upcycle_main
+from moelpr.upcycling.upcycle import router_rows, upcycle
+from moelpr_lab.corpora import (
     UNSEEN,
     CorpusOptions,
     build_corpora,
@@ -27,10 +30,7 @@ from moelpr.corpora import (
     help_corpus,
     is_heldout,
 )
-from moelpr.corpora.cli import main as corpora_main
-from moelpr.models.moe import lpr_loss
-from moelpr.upcycling.upcycle import main as upcycle_main
-from moelpr.upcycling.upcycle import router_rows, upcycle
+from moelpr_lab.corpora.cli import main as corpora_main
 
 plugin.apply()
 
@@ -226,8 +226,8 @@ def _script_dataset_names(text: str) -> set[str]:
 
 def test_no_recipe_or_script_names_an_unseen_language():
     """Every dataset the recipes and the comparison scripts name resolves to a dataset_info.json entry (the repo's
-    data/ or the entries `moelpr corpora` writes for the scripts' languages, unseen ones included) whose file is not
-    an unseen language's."""
+    data/ or the entries `python -m moelpr_lab.corpora` writes for the scripts' languages, unseen ones included) whose
+    file is not an unseen language's."""
     corpus_specs = [help_corpus(c, "new") for c in ("hu", "tr", "el")] + [help_corpus("en", "old")]
     corpus_specs += [general_english_corpus()] + [help_corpus(c, UNSEEN) for c in UNSEEN_LANGUAGES]
     built = dataset_entries(corpus_specs)
@@ -266,7 +266,7 @@ def test_real_unseen_language_packages(tmp_path):
     out = tmp_path / "corpora"
     specs = [help_corpus(code, UNSEEN) for code in UNSEEN_LANGUAGES]
     manifest = build_corpora(specs, out, tmp_path / "cache", CorpusOptions(max_documents=150), workers=2)
-    from moelpr.corpora.langfilter import identify
+    from moelpr_lab.corpora.langfilter import identify
 
     for lang in UNSEEN_LANGUAGES:
         held = read_jsonl(out / f"{lang}_heldout.jsonl")

@@ -1,5 +1,5 @@
 """``moelpr bench`` end to end on tiny models against local tasks in the format of the real ones, and the help-page
-tasks of ``moelpr corpora --lm_eval_tasks`` through lm-eval's own command line. Nothing is downloaded."""
+tasks of ``python -m moelpr_lab.corpora --lm_eval_tasks`` through lm-eval's own command line. Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import yaml
 from test_lm_eval import run_lm_eval
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moelpr.corpora.tasks import completion_task_name, translation_task_name, write_helppage_tasks
 from moelpr.evaluation.bench import main as bench_main
 from moelpr.evaluation.score_intervals import task_score
+from moelpr_lab.corpora.tasks import completion_task_name, translation_task_name, write_helppage_tasks
 
-# Held-out help pages, the same pages in two languages (ids as `moelpr corpora` writes them).
+# Held-out help pages, the same pages in two languages (ids as `python -m moelpr_lab.corpora` writes them).
 PAGES = {
     "en": [
         "Choose Format - Cells to open the dialog where you set the number format of the selected cells.",
@@ -280,7 +280,7 @@ def test_bench_rejects_mistakes_in_one_line(tiny_llama_dir, tmp_path, capsys):
 
 
 def test_corpora_refuses_helppage_tasks_without_english_before_building(tmp_path, capsys):
-    from moelpr.corpora.cli import main as corpora_main
+    from moelpr_lab.corpora.cli import main as corpora_main
 
     assert corpora_main(["--output_dir", str(tmp_path / "c"), "--old", "es", "--lm_eval_tasks"]) == 2
     err = capsys.readouterr().err.strip()

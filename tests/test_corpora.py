@@ -11,11 +11,18 @@ from pathlib import Path
 import langid
 import pytest
 
-from moelpr.corpora import CorpusError, CorpusOptions, build_corpora, general_english_corpus, help_corpus, is_heldout
-from moelpr.corpora.cli import main as corpora_main
-from moelpr.corpora.debian import download_deb, extract_deb
-from moelpr.corpora.langfilter import identify, keep_language
-from moelpr.corpora.sources import parse_fortunes, parse_help_page
+from moelpr_lab.corpora import (
+    CorpusError,
+    CorpusOptions,
+    build_corpora,
+    general_english_corpus,
+    help_corpus,
+    is_heldout,
+)
+from moelpr_lab.corpora.cli import main as corpora_main
+from moelpr_lab.corpora.debian import download_deb, extract_deb
+from moelpr_lab.corpora.langfilter import identify, keep_language
+from moelpr_lab.corpora.sources import parse_fortunes, parse_help_page
 
 HUNGARIAN = [
     "A dokumentum mentéséhez válassza a Fájl menü Mentés parancsát, majd adja meg a fájl nevét és helyét.",

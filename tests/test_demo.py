@@ -10,7 +10,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from moelpr.evaluation.check import check_report
+from moelpr_lab.eval_report_check import check_report
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ("base", "full_ft", "moelpr_stage1", "moelpr_stage2", "moect", "moelpr_review_no_lpr", "lora", "llama_pro")

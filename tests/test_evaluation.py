@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moelpr  # noqa: F401  (registers the MoE-LPR model types)
 from moelpr.evaluation import evaluate_language, token_blocks
-from moelpr.evaluation.check import check_report
 from moelpr.evaluation.cli import main as eval_main
+from moelpr_lab.eval_report_check import check_report
 
 TEXTS = {
     "en": ["The quick brown fox jumps over the lazy dog.", "A Mixture-of-Experts model routes every token."] * 6,
@@ -253,8 +253,8 @@ def test_comparison_table_and_tradeoff_picture(tiny_llama_dir, upcycled_llama_di
     """The comparison reads the eval report and each method's runs; parameter counts come from the checkpoints."""
     from transformers import AutoModelForCausalLM
 
-    from moelpr.evaluation.comparison import main as compare_main
-    from moelpr.evaluation.comparison import parameter_counts
+    from moelpr_lab.comparison import main as compare_main
+    from moelpr_lab.comparison import parameter_counts
 
     out = tmp_path / "eval"
     argv = ["--model", f"base={tiny_llama_dir}", "--model", f"full_ft={tiny_llama_dir}",

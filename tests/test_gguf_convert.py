@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from moelpr.gguf.convert import convert_gguf, main, smollm2_gguf_path
+from moelpr_lab.gguf.convert import convert_gguf, main, smollm2_gguf_path
 
 
 def test_missing_gguf_file_is_one_line_error(tmp_path, capsys):
@@ -50,7 +50,7 @@ def spm_reference_ids(text: str, vocab) -> list[int]:
     """llama.cpp's SentencePiece tokenization of text without user-defined or control pieces, written plainly:
     spaces become "▁", then the adjacent pair forming the highest-scored piece merges (leftmost on a tie) until
     none does; symbols outside the vocabulary become their UTF-8 bytes."""
-    from moelpr.gguf.tokenizer import BYTE, NORMAL
+    from moelpr_lab.gguf.tokenizer import BYTE, NORMAL
 
     ids = {token: index for index, token in enumerate(vocab.tokens)}
     score = {t: s for t, s, kind in zip(vocab.tokens, vocab.scores, vocab.token_types) if kind == NORMAL}
@@ -72,7 +72,7 @@ def spm_reference_ids(text: str, vocab) -> list[int]:
 
 
 def test_spm_tokenizer_with_space_prefix_merges_by_score():
-    from moelpr.gguf.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, SpmVocab, build_spm_tokenizer
+    from moelpr_lab.gguf.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, SpmVocab, build_spm_tokenizer
 
     # A LLaMA-2-style vocabulary (one "▁" before the text, <s> first): "lo" outranks "ll", so "hello" must not
     # become "▁he" "ll" "o"; "ö" and "ж" are outside the vocabulary.
@@ -97,8 +97,8 @@ def test_gemma3_tokenizer_merges_like_sentencepiece(gemma3_dense_dir):
     from gguf import GGUFReader
     from transformers import AutoTokenizer
 
-    from moelpr.gguf.convert import gemma3_270m_gguf_path
-    from moelpr.gguf.tokenizer import read_spm_vocab
+    from moelpr_lab.gguf.convert import gemma3_270m_gguf_path
+    from moelpr_lab.gguf.tokenizer import read_spm_vocab
 
     tokenizer = AutoTokenizer.from_pretrained(gemma3_dense_dir)
     # Pieces that look like words, with the ids Gemma 3's own tokenizer gives this prompt.
@@ -155,10 +155,10 @@ def test_gemma3_checkpoint_config(gemma3_dense_dir):
 def test_gemma3_continues_and_predicts_english(gemma3_dense_dir, tmp_path):
     import torch
 
-    from moelpr.corpora.debian import fetch_package
-    from moelpr.corpora.sources import load_fortunes
     from moelpr.evaluation.perplexity import evaluate_language, token_blocks
     from moelpr.evaluation.report import load_model
+    from moelpr_lab.corpora.debian import fetch_package
+    from moelpr_lab.corpora.sources import load_fortunes
 
     model, tokenizer = load_model(gemma3_dense_dir, torch.float32)
     # A 270M base model: greedy "The capital of France is" goes on " the capital of the country of France."

@@ -18,8 +18,8 @@ from tiny_models import save_dense_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moelpr.export.transformers_moe import main
-from moelpr.gguf.convert import convert_gguf, smollm2_gguf_path
 from moelpr.upcycling.upcycle import upcycle
+from moelpr_lab.gguf.convert import convert_gguf, smollm2_gguf_path
 
 # Tolerances on next-token log-probabilities (nats), per output type. f32 GGUF: the same float32 weights; only the
 # summation order and llama.cpp's own softmax / RoPE / RMSNorm kernels differ (measured: 8.6e-5 on the tiny LLaMA

@@ -1,7 +1,7 @@
 """The methods comparison: one table and one trade-off picture from a ``moelpr eval`` report and each method's
 training runs (``scripts/compare.sh`` writes both; see docs/comparison.md).
 
-``python -m moelpr.evaluation.comparison --eval_dir DIR --methods METHODS.json --output_dir OUT``
+``python -m moelpr_lab.comparison --eval_dir DIR --methods METHODS.json --output_dir OUT``
 
 ``METHODS.json`` names the evaluated base model and full continual training (the reference of the gain share),
 and for every method the model's name in the report, the LLaMA-Factory output directories of its training
@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoints.slim import ComposedCheckpoint
-from ..models.moe import NEW_EXPERTS_NAME, ORIGINAL_EXPERT_NAME
-from .intervals import change_interval, document_units, gain_share_interval, mean_change_interval
+from moelpr.checkpoints.slim import ComposedCheckpoint
+from moelpr.evaluation.intervals import change_interval, document_units, gain_share_interval, mean_change_interval
+from moelpr.models.moe import NEW_EXPERTS_NAME, ORIGINAL_EXPERT_NAME
 
 TRAINABLE_LINE = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)")
 _EXPERT_TENSOR = re.compile(rf"\.layers\.(\d+)\..*\.({ORIGINAL_EXPERT_NAME}|{NEW_EXPERTS_NAME}\.\d+)\.")
@@ -322,7 +322,7 @@ def tradeoff_plot(result: dict, path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moelpr.evaluation.comparison", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m moelpr_lab.comparison", description=__doc__.split("\n\n")[0])
     parser.add_argument("--eval_dir", type=Path, required=True, help="a moelpr eval output directory")
     parser.add_argument("--methods", type=Path, required=True, help="the methods file (see the module docstring)")
     parser.add_argument("--output_dir", type=Path, required=True)

@@ -1,4 +1,4 @@
-"""``python -m moelpr.evaluation.check DIR``: check that a ``moelpr eval`` report is complete and well formed
+"""``python -m moelpr_lab.eval_report_check DIR``: check that a ``moelpr eval`` report is complete and well formed
 (what CI asserts after ``scripts/demo.sh --quick``). Exit status 0 when it is, 1 with one line per problem."""
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def check_report(report_dir: Path, models: Sequence[str] = (), languages: Sequen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moelpr.evaluation.check", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m moelpr_lab.eval_report_check", description=__doc__)
     parser.add_argument("report_dir", type=Path)
     parser.add_argument("--models", type=_csv, default=[], help="models that must be in the report")
     parser.add_argument("--languages", type=_csv, default=[], help="languages that must be in the report")

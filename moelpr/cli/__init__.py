@@ -21,7 +21,6 @@ SUBCOMMANDS = {
     ),
     "eval": ("moelpr.evaluation.cli", "per-language perplexity and routing report of one or more models"),
     "bench": ("moelpr.evaluation.bench", "benchmark accuracy (ARC, HellaSwag, MMLU, Belebele, FLORES) in the paper's layout"),
-    "corpora": ("moelpr.corpora.cli", "build the demo corpora from Debian's LibreOffice help and fortunes"),
 }
 
 

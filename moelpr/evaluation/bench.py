@@ -3,10 +3,10 @@
 Per benchmark family and language, lm-eval's score with the authors' shot counts (ARC-Challenge 25, HellaSwag 10,
 MMLU 5, Belebele 5), FLORES translation X->en and en->X (chrF; task files of ours over FLORES-200 / FLORES+,
 which lm-eval ships none of for these languages) and, with ``--helppage_tasks``, the help-page tasks that
-``moelpr corpora --lm_eval_tasks`` writes. Then the paper's layout: the average over the expanded (new) languages
-and over the original (old) ones, per benchmark and over benchmarks; with ``--baseline``, the change against the
-baseline and the share of the baseline's original-language score kept. Writes ``bench.md``, ``bench.json`` and
-``bench.png`` to ``--output_dir``.
+the demo's corpora builder writes (``python -m moelpr_lab.corpora --lm_eval_tasks``, in the repository's lab/).
+Then the paper's layout: the average over the expanded (new) languages and over the original (old) ones, per
+benchmark and over benchmarks; with ``--baseline``, the change against the baseline and the share of the baseline's
+original-language score kept. Writes ``bench.md``, ``bench.json`` and ``bench.png`` to ``--output_dir``.
 
 Offline: lm-eval reads its datasets from the Hugging Face datasets cache (``HF_DATASETS_OFFLINE=1`` is set). A task
 that lm-eval 0.4.13 does not have for a language, or whose data is absent, is named in one line and left out of
@@ -405,7 +405,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--flores_dir", type=Path, default=None,
                         help="a FLORES-200 directory (dev/, devtest/); default: FLORES+ from the HF datasets cache")
     parser.add_argument("--helppage_tasks", type=Path, default=None,
-                        help="the task folder `moelpr corpora --lm_eval_tasks` wrote (CORPORA/lm_eval_tasks)")
+                        help="the folder `python -m moelpr_lab.corpora --lm_eval_tasks` wrote (CORPORA/lm_eval_tasks)")
     parser.add_argument("--task_map", type=Path, default=None,
                         help="JSON {benchmark: {label, shots, metric, tasks: {lang: task}}} replacing the paper's "
                              "benchmarks (with --include_path for task files of your own)")
@@ -439,8 +439,8 @@ def _validated(args: argparse.Namespace) -> dict | None:
     if unknown or not args.benchmarks:
         raise UsageError(f"--benchmarks: choose from {', '.join(GROUPS)} (got {','.join(unknown) or 'none'})")
     if args.benchmarks == ["helppages"] and args.helppage_tasks is None:
-        raise UsageError("--benchmarks helppages needs --helppage_tasks (the folder `moelpr corpora --lm_eval_tasks` "
-                         "writes)")
+        raise UsageError("--benchmarks helppages needs --helppage_tasks (the folder `python -m moelpr_lab.corpora "
+                         "--lm_eval_tasks` writes)")
     overlap = sorted(set(args.new) & set(args.old))
     if overlap:
         raise UsageError(f"{', '.join(overlap)} is given as both new and old")

@@ -27,8 +27,8 @@ def read_texts(path: Path, text_field: str = "text") -> list[str]:
 
 
 def read_document_ids(path: Path) -> list[str]:
-    """Each non-empty line's ``id`` (``moelpr corpora`` writes the help page's path, the same in every language),
-    or ``FILE#LINE`` where a line has none."""
+    """Each non-empty line's ``id`` (the demo's corpora builder writes the help page's path, the same in every
+    language), or ``FILE#LINE`` where a line has none."""
     ids = []
     with Path(path).open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):

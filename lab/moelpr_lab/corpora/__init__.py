@@ -2,7 +2,7 @@
 
 New languages come from LibreOffice's help (the same ~2,500 pages in every language), the old
 language from its English original, and general English for measuring forgetting from ``fortunes``.
-Run ``moelpr corpora --help``.
+Run ``python -m moelpr_lab.corpora --help``.
 """
 
 from .build import (

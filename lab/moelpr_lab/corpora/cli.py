@@ -1,4 +1,4 @@
-"""``moelpr corpora`` (or ``python -m moelpr.corpora``): build the demo corpora (see ``--help``)."""
+"""``python -m moelpr_lab.corpora``: build the demo corpora (see ``--help``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _codes(value: str) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="moelpr corpora",
+        prog="python -m moelpr_lab.corpora",
         description="Build per-language train / held-out corpora from Debian's LibreOffice help and fortunes.",
     )
     parser.add_argument("--output_dir", type=Path, default=Path("work/corpora"), help="where the jsonl files and dataset_info.json go")
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.lm_eval_tasks and "en" not in args.old:
         print("error: --lm_eval_tasks translates from and to English: add en to --old", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="[moelpr.corpora] %(message)s")
+    logging.basicConfig(level=logging.INFO, format="[moelpr_lab.corpora] %(message)s")
     specs = [help_corpus(code, "new") for code in args.new] + [help_corpus(code, "old") for code in args.old]
     specs += [help_corpus(code, UNSEEN) for code in args.unseen]
     if not args.no_general_english:

