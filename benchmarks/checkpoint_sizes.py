@@ -11,19 +11,29 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig
 
-from moelpr.llamafactory_plugin.hparams import POST_PRETRAIN, REVIEW
 from moelpr.llamafactory_plugin.model import trainable_parameter_names
+from moelpr.llamafactory_plugin.setting_values import POST_PRETRAIN, REVIEW
 from moelpr.models import MOE_FAMILIES
 from moelpr.models.configuration import CT, LPR
 
 SHAPES = {
     "SmolLM2-135M (the demo)": LlamaConfig(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        vocab_size=49152, tie_word_embeddings=True,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
     ),
     "LLaMA-3-8B": LlamaConfig(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        vocab_size=128256, tie_word_embeddings=False,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
     ),
 }
 
@@ -54,7 +64,9 @@ def main() -> None:
         for moe_method, experts, top_k in ((LPR, 4, 2), (CT, 2, 1)):
             print(f"\n{shape}, {'MoE-LPR' if moe_method == LPR else 'MoE-CT'}, {experts} experts, top-{top_k}")
             for name, params in sizes(dense_config, moe_method, experts, top_k).items():
-                print(f"  {name:<32} {params:>15,d} params  {params * 2 / 1e6:11.2f} MB bf16  {params * 4 / 1e6:11.2f} MB fp32")
+                print(
+                    f"  {name:<32} {params:>15,d} params  {params * 2 / 1e6:11.2f} MB bf16  {params * 4 / 1e6:11.2f} MB fp32"
+                )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import struct
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,8 +32,20 @@ MOE_BASE, DENSE_BASE = "moe", "dense"
 # Bytes hashed from the start, the middle and the end of every tensor's data by fingerprint().
 FINGERPRINT_SAMPLE_BYTES = 4096
 MAX_CHAIN_LENGTH = 64
-# An upcycled expert tensor: ``original_expert.<ffn tensor>`` or ``new_experts.<j>.<ffn tensor>``.
-_EXPERT_COPY = re.compile(r"^(?:original_expert|new_experts\.\d+)\.(.+)$")
+
+# Where the tensors of a model upcycled from a dense checkpoint come from, which only the upcycler knows (this layer
+# knows no model family): given the dense checkpoint and the slim directory (its config.json), every tensor name of
+# the upcycled model, in its order, mapped to the dense tensor it copies, or to None for a tensor the upcycler makes
+# anew (which the slim checkpoint holds). It raises SlimCheckpointError when the dense checkpoint does not fit.
+DenseBaseLayout = Callable[[CheckpointReader, Path], dict[str, str | None]]
+_dense_base_layout: DenseBaseLayout | None = None
+
+
+def register_dense_base_layout(layout: DenseBaseLayout) -> None:
+    """Make ``layout`` the one :class:`ComposedCheckpoint` uses for dense bases (``import moelpr`` registers the
+    upcycler's, moelpr.upcycling.slim_base)."""
+    global _dense_base_layout
+    _dense_base_layout = layout
 
 
 class SlimCheckpointError(CheckpointError):
@@ -230,34 +242,19 @@ class ComposedCheckpoint:
         return sources
 
     def _upcycled_sources(self, dense_dir: Path, slim_dir: Path, own: dict[str, _Source]) -> dict[str, _Source]:
-        """The upcycled model's tensors as ``moelpr upcycle`` lays them out: copies of the dense tensors (every
-        expert of a block from its layer's FFN) and, from ``slim_dir``, what the upcycler makes anew (routers...)."""
-        from transformers import AutoConfig
-
-        from ..models import MOE_FAMILIES
-        from ..upcycling.upcycle import UpcyclingError, plan_upcycling
-
-        config = AutoConfig.from_pretrained(slim_dir)
-        model_class = MOE_FAMILIES[config.model_type.removesuffix("_moelpr")][1]
+        """The upcycled model's tensors in the order :data:`DenseBaseLayout` gives them: copies of the dense
+        tensors, and what the upcycler makes anew (routers...) from ``slim_dir``."""
+        if _dense_base_layout is None:
+            raise RuntimeError("no dense-base layout is registered; import moelpr to register the upcycler's")
         dense = self._open(dense_dir)
-        try:
-            steps = plan_upcycling(dense, config, model_class)
-        except UpcyclingError as error:
-            message = f"slim checkpoint {slim_dir}: its dense base {dense_dir} does not fit: {error}"
-            raise SlimCheckpointError(message) from None
         sources: dict[str, _Source] = {}
-        for step in steps:
-            if step.layer is None:
-                sources[step.outputs[0].name] = _Source(dense, step.inputs[0])
-                continue
-            for spec in step.outputs:
-                copy = _EXPERT_COPY.match(spec.name.removeprefix(step.prefix))
-                if copy and step.prefix + copy.group(1) in step.inputs:
-                    sources[spec.name] = _Source(dense, step.prefix + copy.group(1))
-                elif spec.name in own:
-                    sources[spec.name] = own[spec.name]
-                else:
-                    raise SlimCheckpointError(f"slim upcycled checkpoint {slim_dir} lacks {spec.name}")
+        for name, dense_name in _dense_base_layout(dense, slim_dir).items():
+            if dense_name is not None:
+                sources[name] = _Source(dense, dense_name)
+            elif name in own:
+                sources[name] = own[name]
+            else:
+                raise SlimCheckpointError(f"slim upcycled checkpoint {slim_dir} lacks {name}")
         return sources
 
     def names(self) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 from transformers import DataCollatorForLanguageModeling
 
 from ..tokenization import restore_add_bos_token
-from .hparams import OLD
+from .setting_values import OLD
 
 LANG_COLUMN = "_lang"  # row-level flag, 1 for an old-language document (removed by preprocessing)
 LANG_MASK = "lang_mask"  # token-level flag, the model's ``lang_mask`` input

@@ -11,11 +11,10 @@ from llamafactory.hparams import DataArguments, FinetuningArguments, ModelArgume
 
 from moelpr.models.configuration import CT, LPR, LPR_LOSS_FORMS, METHOD_NAMES, PAPER
 
-MOELPR = "moelpr"
-POST_PRETRAIN = "post_pretrain"
-REVIEW = "review"
-OLD, NEW = "old", "new"
-LANGUAGES = (OLD, NEW)
+from .data import LANG_MASK
+from .model import MOELPR_MODEL_TYPES
+from .setting_values import LANGUAGES, MOELPR, OLD, POST_PRETRAIN, REVIEW
+
 # What the user writes for each method (``moelpr_method``), by the checkpoint's ``moe_method``.
 METHOD_KEYS = {method: key for key, method in METHOD_NAMES.items()}
 
@@ -96,12 +95,18 @@ class MoELPRFinetuningArguments(FinetuningArguments):
     def __post_init__(self) -> None:
         if self.finetuning_type != MOELPR:
             moelpr_keys = (
-                "moelpr_method", "moelpr_stage", "aux_loss_coef", "lpr_loss_coef", "lpr_loss_form",
+                "moelpr_method",
+                "moelpr_stage",
+                "aux_loss_coef",
+                "lpr_loss_coef",
+                "lpr_loss_form",
                 "moect_train_embeddings",
             )
             given = [key for key in moelpr_keys if getattr(self, key) is not None]
             if given:
-                raise MoELPRArgumentError(f"{', '.join(f'`{k}`' for k in given)} only apply with `finetuning_type: moelpr`.")
+                raise MoELPRArgumentError(
+                    f"{', '.join(f'`{k}`' for k in given)} only apply with `finetuning_type: moelpr`."
+                )
             super().__post_init__()
             return
 
@@ -159,8 +164,6 @@ def dataset_languages(dataset_names: list[str] | None, dataset_dir: str) -> dict
 def _check_model_is_moelpr(model_args: ModelArguments) -> Any:
     """The checkpoint's config, once it is known to be an unquantized upcycled model."""
     from llamafactory.model.loader import load_config
-
-    from .model import MOELPR_MODEL_TYPES
 
     config = load_config(model_args)
     model_type = getattr(config, "model_type", None)
@@ -242,8 +245,6 @@ def _check_tokenized_languages(data_args: MoELPRDataArguments, review: bool) -> 
     """Languages of a dataset tokenized earlier: dataset_info.json may have changed since, so read the saved mask."""
     import pyarrow.compute as pc
     from datasets import load_from_disk
-
-    from .data import LANG_MASK
 
     if not data_args.generate_lang_mask:
         return

@@ -14,7 +14,7 @@ from moelpr.models.configuration import CT, LPR
 from moelpr.models.moe import NEW_EXPERTS_NAME, ROUTER_NAME
 from moelpr.models.moe_ct import FUSION_NAME
 
-from .hparams import MOELPR, POST_PRETRAIN, REVIEW
+from .setting_values import MOELPR, POST_PRETRAIN, REVIEW
 
 logger = logging.get_logger(__name__)
 

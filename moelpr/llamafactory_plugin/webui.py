@@ -14,7 +14,8 @@ from typing import Any
 import gradio as gr
 from llamafactory.extras import logging
 
-from .hparams import DEFAULT_AUX_LOSS_COEF, DEFAULT_LPR_LOSS_COEF, MOELPR, POST_PRETRAIN, REVIEW, MoELPRArgumentError
+from .hparams import DEFAULT_AUX_LOSS_COEF, DEFAULT_LPR_LOSS_COEF, MoELPRArgumentError
+from .setting_values import MOELPR, POST_PRETRAIN, REVIEW
 
 logger = logging.get_logger(__name__)
 
