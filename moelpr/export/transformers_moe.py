@@ -35,6 +35,7 @@ from ..checkpoints.streaming import (
     staged_directory,
     write_derived_tensors,
 )
+from ..errors import MoELPRUserError
 from ..models import MOE_FAMILIES
 from ..models.moe import NEW_EXPERTS_NAME, ORIGINAL_EXPERT_NAME, ROUTER_NAME
 
@@ -61,7 +62,7 @@ _FFN_NAME = re.compile(r"model\.layers\.(\d+)\.mlp\.(.+)\.weight")
 _QKV_WEIGHT = re.compile(r"(model\.layers\.\d+\.self_attn\.[qkv]_proj)\.weight")
 
 
-class ExportError(ValueError):
+class ExportError(MoELPRUserError, ValueError):
     """A checkpoint or request that cannot be exported exactly; printed as one line."""
 
 

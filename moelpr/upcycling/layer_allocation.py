@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import MoELPRUserError
 from ..jsonl_texts import iter_jsonl_texts
 
 AUTO_PREFIX = "auto:"
@@ -36,7 +37,7 @@ DEFAULT_MAX_TOKENS = 20_000
 DEFAULT_MAX_LENGTH = 1024
 
 
-class AllocationError(ValueError):
+class AllocationError(MoELPRUserError, ValueError):
     """A user-facing problem with an ``auto:K`` request (budget, corpora, similarities)."""
 
 

@@ -33,6 +33,7 @@ from ..checkpoints.streaming import (
     staged_directory,
     write_derived_tensors,
 )
+from ..errors import MoELPRUserError
 from .upcycle import TOKENIZER_FILES
 
 # Files beside the weights that belong to the expanded model too: tokenizer, chat template, generation defaults,
@@ -51,7 +52,7 @@ AUXILIARY_FILE_PATTERNS = (
 )
 
 
-class ExpansionError(ValueError):
+class ExpansionError(MoELPRUserError, ValueError):
     """A user-facing problem with the expansion request."""
 
 

@@ -40,6 +40,7 @@ from ..checkpoints.streaming import (
     parse_size,
     staged_directory,
 )
+from ..errors import MoELPRUserError
 from ..models import MOE_FAMILIES
 from ..models.configuration import CT, DEFAULT_EXPERTS, METHOD_NAMES
 from .layer_allocation import (
@@ -60,7 +61,7 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 ADDING_A_FAMILY = "docs/adding_a_family.md"
 
 
-class UpcyclingError(ValueError):
+class UpcyclingError(MoELPRUserError, ValueError):
     """A user-facing problem with the upcycling request."""
 
 
