@@ -18,6 +18,7 @@ from test_corpora import GREEK, HUNGARIAN, help_corpus_tree, read_jsonl
 from transformers import AutoModelForCausalLM
 
 import moelpr.llamafactory_plugin as plugin
+from moelpr.cli.upcycle import main as upcycle_main
 from moelpr.corpora import (
     UNSEEN,
     CorpusOptions,
@@ -29,7 +30,6 @@ from moelpr.corpora import (
 )
 from moelpr.corpora.cli import main as corpora_main
 from moelpr.models.moe import lpr_loss
-from moelpr.upcycling.upcycle import main as upcycle_main
 from moelpr.upcycling.upcycle import router_rows, upcycle
 
 plugin.apply()

@@ -13,8 +13,8 @@ import yaml
 from test_lm_eval import run_lm_eval
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from moelpr.cli.bench import main as bench_main
 from moelpr.corpora.tasks import completion_task_name, translation_task_name, write_helppage_tasks
-from moelpr.evaluation.bench import main as bench_main
 from moelpr.evaluation.score_intervals import task_score
 
 # Held-out help pages, the same pages in two languages (ids as `moelpr corpora` writes them).

@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moelpr  # noqa: F401  (registers the MoE-LPR model types)
+from moelpr.cli.eval import main as eval_main
 from moelpr.evaluation import evaluate_language, token_blocks
 from moelpr.evaluation.check import check_report
-from moelpr.evaluation.cli import main as eval_main
 
 TEXTS = {
     "en": ["The quick brown fox jumps over the lazy dog.", "A Mixture-of-Experts model routes every token."] * 6,

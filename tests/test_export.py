@@ -17,7 +17,8 @@ from tiny_models import save_dense_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from moelpr.checkpoints.streaming import CheckpointReader
-from moelpr.export.transformers_moe import EXPORT_FAMILIES, ZERO_SHARED_EXPERT_SIZE, main
+from moelpr.cli.export import main
+from moelpr.export.transformers_moe import EXPORT_FAMILIES, ZERO_SHARED_EXPERT_SIZE
 from moelpr.upcycling.upcycle import upcycle
 
 NUM_LAYERS, NUM_EXPERTS, MOE_LAYERS, DENSE_LAYERS = 4, 4, (0, 2), (1, 3)

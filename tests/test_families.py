@@ -14,9 +14,9 @@ from test_plugin_e2e import changed, routing_log, weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moelpr.checkpoints.slim import ComposedCheckpoint
-from moelpr.evaluation.cli import main as eval_main
+from moelpr.cli.eval import main as eval_main
+from moelpr.cli.export import main as export_main
 from moelpr.export.transformers_moe import NO_STANDARD_FORMAT
-from moelpr.export.transformers_moe import main as export_main
 from moelpr.models import MOE_FAMILIES
 from moelpr.upcycling.upcycle import upcycle
 

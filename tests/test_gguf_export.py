@@ -17,7 +17,7 @@ from test_export import _make_routing_matter
 from tiny_models import save_dense_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moelpr.export.transformers_moe import main
+from moelpr.cli.export import main
 from moelpr.gguf.convert import convert_gguf, smollm2_gguf_path
 from moelpr.upcycling.upcycle import upcycle
 

@@ -15,7 +15,8 @@ from tiny_models import save_dense_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moelpr.checkpoints.streaming import ShardedWriter, TensorSpec
-from moelpr.upcycling.upcycle import expert_layout, main, parse_layers, upcycle
+from moelpr.cli.upcycle import main
+from moelpr.upcycling.upcycle import expert_layout, parse_layers, upcycle
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,27 +15,18 @@ the averages, for every model, so that the averages compare the same cells.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import re
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .intervals import MismatchedDocuments
-from .lm_eval_tasks import LANGUAGES, MAX_GENERATED_TOKENS, TRANSLATION_SHOTS, write_translation_task
+from .errors import EvaluationError
+from .lm_eval_tasks import LANGUAGES, TRANSLATION_SHOTS, write_translation_task
 from .score_intervals import ModelItems, change_intervals
 
 logger = logging.getLogger(__name__)
-
-EXAMPLE = (
-    "example: moelpr bench --model_path saves/moelpr/stage2 --baseline work/models/base --new hu,tr,el "
-    "--old en,es,zh --output_dir work/bench"
-)
-
 
 @dataclass(frozen=True)
 class Benchmark:
@@ -70,19 +61,6 @@ HELPPAGES = {
 # What ``--benchmarks`` chooses from: the paper's (or --task_map's) benchmarks, FLORES, the help-page tasks.
 GROUPS = ("paper", "flores", "helppages")
 BASELINE = "baseline"  # the baseline's name in the report
-
-
-class UsageError(ValueError):
-    """A mistake in the command line, reported as one line."""
-
-
-def _codes(value: str) -> list[str]:
-    return [code.strip() for code in value.split(",") if code.strip()]
-
-
-def _named_path(value: str) -> tuple[str, Path]:
-    name, separator, path = value.rpartition("=")
-    return (name, Path(path)) if separator and name else ("model", Path(value))
 
 
 def _flores_sentences(code: str, flores_dir: Path | None) -> dict[str, list[str]] | None:
@@ -392,139 +370,90 @@ def plot(table: Mapping, path: Path) -> None:
     plt.close(fig)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="moelpr bench", description=__doc__.split("\n\n")[0], epilog=EXAMPLE)
-    parser.add_argument("--model_path", type=_named_path, action="append", required=True, metavar="[NAME=]PATH",
-                        help="a checkpoint to evaluate; repeat as NAME=PATH for several (one table, the baseline "
-                             "evaluated once)")
-    parser.add_argument("--baseline", type=Path, default=None,
-                        help="a checkpoint to compare with (e.g. the base model)")
-    parser.add_argument("--new", type=_codes, default=_codes("hu,tr,el"), help="expanded languages (default hu,tr,el)")
-    parser.add_argument("--old", type=_codes, default=_codes("en,es,zh"), help="original languages (default en,es,zh)")
-    parser.add_argument("--output_dir", type=Path, required=True)
-    parser.add_argument("--flores_dir", type=Path, default=None,
-                        help="a FLORES-200 directory (dev/, devtest/); default: FLORES+ from the HF datasets cache")
-    parser.add_argument("--helppage_tasks", type=Path, default=None,
-                        help="the task folder `moelpr corpora --lm_eval_tasks` wrote (CORPORA/lm_eval_tasks)")
-    parser.add_argument("--task_map", type=Path, default=None,
-                        help="JSON {benchmark: {label, shots, metric, tasks: {lang: task}}} replacing the paper's "
-                             "benchmarks (with --include_path for task files of your own)")
-    parser.add_argument("--include_path", type=Path, action="append", default=[], help="more lm-eval task folders")
-    parser.add_argument("--benchmarks", type=_codes, default=list(GROUPS),
-                        help="which to run, from paper (ARC, HellaSwag, MMLU, Belebele or --task_map's), flores, "
-                             "helppages (with --helppage_tasks); default: all")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="score only the first N documents of each task (the table says so)")
-    parser.add_argument("--max_gen_toks", type=int, default=None,
-                        help=f"cap on the tokens generated per translation (default {MAX_GENERATED_TOKENS})")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch_size", default="8")
-    parser.add_argument("--dtype", default="float32", help="torch dtype of the models (bfloat16 on GPUs)")
-    return parser.parse_args(argv)
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to measure and how: the languages, which of :data:`GROUPS`, where task data lies, lm-eval's settings.
+    ``task_map`` (benchmark -> ``{label, shots, metric, tasks: {lang: task}}``) replaces the paper's benchmarks;
+    ``limit`` scores only the first documents of each task; ``max_gen_toks`` caps the generated translations."""
+
+    new: Sequence[str] = ("hu", "tr", "el")
+    old: Sequence[str] = ("en", "es", "zh")
+    groups: Sequence[str] = GROUPS
+    flores_dir: Path | None = None
+    helppage_tasks: Path | None = None
+    task_map: Mapping[str, Mapping] | None = None
+    include_paths: Sequence[Path] = ()
+    limit: int | None = None
+    max_gen_toks: int | None = None
+    device: str = "cpu"
+    batch_size: int | str = 8
+    dtype: str = "float32"
 
 
-def _validated(args: argparse.Namespace) -> dict | None:
-    for option, path in (*(("--model_path", p) for _, p in args.model_path), ("--baseline", args.baseline)):
-        if path is not None and not (path / "config.json").is_file():
-            raise UsageError(f"{option}: {path} is not a checkpoint directory (no config.json)")
-    names = [name for name, _ in args.model_path]
-    odd = [name for name in names if not re.fullmatch(r"[\w.-]+", name)]
-    if odd:
-        raise UsageError(f"--model_path: name {odd[0]!r} must be letters, digits, '_', '.' or '-' (it names a file)")
-    repeated = sorted({name for name in names if names.count(name) > 1} | ({BASELINE} & set(names)))
-    if repeated:
-        raise UsageError(f"--model_path: the name {repeated[0]} is given twice (or is the baseline's); name each "
-                         "model once, as NAME=PATH")
-    unknown = sorted(set(args.benchmarks) - set(GROUPS))
-    if unknown or not args.benchmarks:
-        raise UsageError(f"--benchmarks: choose from {', '.join(GROUPS)} (got {','.join(unknown) or 'none'})")
-    if args.benchmarks == ["helppages"] and args.helppage_tasks is None:
-        raise UsageError("--benchmarks helppages needs --helppage_tasks (the folder `moelpr corpora --lm_eval_tasks` "
-                         "writes)")
-    overlap = sorted(set(args.new) & set(args.old))
-    if overlap:
-        raise UsageError(f"{', '.join(overlap)} is given as both new and old")
-    if not args.new and not args.old:
-        raise UsageError("no languages: give --new and/or --old")
-    for option, path in (("--flores_dir", args.flores_dir), ("--helppage_tasks", args.helppage_tasks),
-                         *(("--include_path", p) for p in args.include_path)):
-        if path is not None and not path.is_dir():
-            raise UsageError(f"{option}: directory not found: {path}")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError("--limit must be at least 1")
-    if args.max_gen_toks is not None and args.max_gen_toks < 1:
-        raise UsageError("--max_gen_toks must be at least 1")
-    if args.task_map is None:
-        return None
-    try:
-        task_map = json.loads(args.task_map.read_text())
-        if not all("metric" in entry and "tasks" in entry for entry in task_map.values()):
-            raise ValueError("every benchmark needs metric and tasks")
-    except (OSError, ValueError, AttributeError) as error:
-        raise UsageError(f"--task_map {args.task_map}: {error}") from None
-    return task_map
+@dataclass
+class BenchScores:
+    """Every model's scores (benchmark -> language -> score), the scored items the same way, and one line for each
+    cell that could not be measured."""
+
+    checkpoints: dict[str, Path]  # name -> directory; BASELINE names the baseline
+    benchmarks: dict[str, Benchmark]
+    scores: dict[str, dict]
+    items: dict[str, dict]
+    missing: list[str]
+
+    @property
+    def baseline(self) -> str | None:
+        return BASELINE if BASELINE in self.checkpoints else None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        task_map = _validated(args)
-    except UsageError as error:
-        print(f"moelpr bench: error: {error}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="[moelpr.bench] %(message)s")
+def score_models(checkpoints: Mapping[str, Path], output_dir: Path, settings: BenchSettings) -> BenchScores:
+    """Run the planned tasks on every checkpoint (name -> directory; :data:`BASELINE` names the baseline), offline.
+    The task files go to ``output_dir/tasks``; a model's scores are kept in ``output_dir/scores/NAME.json`` as soon
+    as it is done and taken from there while its settings stay the same, so that a stopped run resumes."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    task_dir = args.output_dir / "tasks"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    task_dir = output_dir / "tasks"
     task_dir.mkdir(exist_ok=True)
-    plan_ = plan(args.new, args.old, task_dir, args.flores_dir, args.helppage_tasks, task_map, args.limit,
-                 args.benchmarks)
-    include = [task_dir, *([args.helppage_tasks] if args.helppage_tasks else []), *args.include_path]
-    models = {**({BASELINE: args.baseline} if args.baseline else {}), **dict(args.model_path)}
+    plan_ = plan(settings.new, settings.old, task_dir, settings.flores_dir, settings.helppage_tasks,
+                 settings.task_map, settings.limit, settings.groups)
+    include = [task_dir, *([settings.helppage_tasks] if settings.helppage_tasks else []), *settings.include_paths]
     scores: dict[str, dict] = {}
     items: dict[str, dict] = {}
     missing = list(plan_.missing)
-    batch_size = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
-    for name, path in models.items():
-        # A model's scores are kept as soon as it is done, so that a stopped run of several models resumes.
-        settings = {"path": str(path), "modified": (path / "config.json").stat().st_mtime_ns,
-                    "tasks": {k: dict(b.tasks) for k, b in plan_.benchmarks.items()},
-                    "limit": args.limit, "max_gen_toks": args.max_gen_toks, "dtype": args.dtype}
-        saved = args.output_dir / "scores" / f"{name}.json"
+    for name, path in checkpoints.items():
+        kept_settings = {"path": str(path), "modified": (path / "config.json").stat().st_mtime_ns,
+                         "tasks": {k: dict(b.tasks) for k, b in plan_.benchmarks.items()},
+                         "limit": settings.limit, "max_gen_toks": settings.max_gen_toks, "dtype": settings.dtype}
+        saved = output_dir / "scores" / f"{name}.json"
         done = json.loads(saved.read_text()) if saved.is_file() else None
-        if done is not None and done["settings"] == settings and "items" in done:
+        if done is not None and done["settings"] == kept_settings and "items" in done:
             logger.info("%s: scores of an earlier run with the same settings (%s)", name, saved)
             scores[name], items[name], failed = done["scores"], done["items"], done["failed"]
         else:
-            scores[name], items[name], failed = run_model(path, plan_, include, args.device, batch_size, args.dtype,
-                                                          args.limit, args.max_gen_toks)
+            scores[name], items[name], failed = run_model(path, plan_, include, settings.device, settings.batch_size,
+                                                          settings.dtype, settings.limit, settings.max_gen_toks)
             saved.parent.mkdir(exist_ok=True)
             partial = saved.with_suffix(".partial")
-            kept = {"settings": settings, "scores": scores[name], "items": items[name], "failed": failed}
+            kept = {"settings": kept_settings, "scores": scores[name], "items": items[name], "failed": failed}
             partial.write_text(json.dumps(kept, ensure_ascii=False) + "\n")
             partial.replace(saved)
         missing += [f"{name}: {line}" for line in failed]
-    for line in missing:
-        print(f"moelpr bench: {line}", file=sys.stderr)
-    try:
-        table = layout(scores, plan_.benchmarks, args.new, args.old, BASELINE if args.baseline else None, items)
-    except MismatchedDocuments as error:
-        print(f"moelpr bench: error: {error}", file=sys.stderr)
-        return 1
+    return BenchScores(dict(checkpoints), plan_.benchmarks, scores, items, missing)
+
+
+def write_report(scored: BenchScores, output_dir: Path, settings: BenchSettings) -> str:
+    """The paper's layout of ``scored``, written to ``output_dir`` as ``bench.json``, ``bench.md`` and
+    ``bench.png``; returns the markdown. Refuses kept items of other documents than the baseline's and a run in which
+    no benchmark could be measured."""
+    table = layout(scored.scores, scored.benchmarks, settings.new, settings.old, scored.baseline, scored.items)
     if not table["benchmarks"]:
-        print("moelpr bench: error: no benchmark could be run (see the lines above)", file=sys.stderr)
-        return 1
-    report = {"checkpoints": {name: str(path) for name, path in models.items()}, "new": args.new, "old": args.old,
-              "limit": args.limit, "scores": scores, "missing": missing, **table}
-    (args.output_dir / "bench.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    text = markdown(table, args.new, args.old, BASELINE if args.baseline else None, missing, args.limit)
-    (args.output_dir / "bench.md").write_text(text)
-    plot(table, args.output_dir / "bench.png")
-    print(text)
-    print(f"Report written to {args.output_dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        raise EvaluationError("no benchmark could be run (see the lines above)")
+    report = {"checkpoints": {name: str(path) for name, path in scored.checkpoints.items()}, "new": settings.new,
+              "old": settings.old, "limit": settings.limit, "scores": scored.scores, "missing": scored.missing,
+              **table}
+    (output_dir / "bench.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    text = markdown(table, settings.new, settings.old, scored.baseline, scored.missing, settings.limit)
+    (output_dir / "bench.md").write_text(text)
+    plot(table, output_dir / "bench.png")
+    return text

@@ -20,7 +20,6 @@ every layer, so Qwen2-family models are refused; its Qwen3-MoE graph renormalise
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import os
 import shutil
@@ -30,8 +29,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from ..checkpoints.streaming import CheckpointError
-from .transformers_moe import EXPORT_FAMILIES, ExportError, ExportPlan, describe, plan_export, write_export
+from .transformers_moe import EXPORT_FAMILIES, ExportError, ExportPlan, plan_export, write_export
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the pin in requirements.txt: converter and engine of one llama.cpp commit
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
@@ -195,25 +193,3 @@ def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
-
-
-def add_gguf_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--outtype",
-        choices=OUTTYPES,
-        default="f16",
-        help="with --format gguf: the GGUF's weight type (default: f16); k-quants are made from the f32 GGUF by "
-        "llama.cpp's quantizer",
-    )
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``moelpr export --format gguf``: export, print what was written, or one error line (exit status 2)."""
-    try:
-        plan = plan_gguf(args.model_path)
-        out = write_gguf(plan, args.output_path, args.outtype)
-    except (ExportError, CheckpointError) as error:
-        print(f"moelpr export: error: {error}", file=sys.stderr)
-        return 2
-    print(f"Exported {describe(plan)}\nas GGUF ({args.outtype}) to {out}")
-    return 0

@@ -15,12 +15,10 @@ sits whole in memory, and the output directory appears whole or not at all.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,6 @@ import torch
 
 from ..checkpoints.slim import ComposedCheckpoint
 from ..checkpoints.streaming import (
-    CheckpointError,
     parse_size,
     staged_directory,
     write_derived_tensors,
@@ -520,48 +517,3 @@ def describe(plan: ExportPlan) -> str:
     elif plan.dense_layers:
         text += f"; dense layers {plan.dense_layers} stay dense (mlp_only_layers)"
     return text
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moelpr export",
-        description="Export an MoE-LPR checkpoint as a standard Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint, or as a "
-        "GGUF file for llama.cpp (see docs/export.md).",
-    )
-    parser.add_argument("--model_path", required=True, help="MoE-LPR checkpoint directory (upcycled or trained)")
-    parser.add_argument(
-        "--output_path", required=True, help="new directory for the exported checkpoint (a new .gguf file for gguf)"
-    )
-    parser.add_argument(
-        "--format",
-        choices=[*sorted(FORMATS), "gguf"],
-        default=None,
-        help="target architecture (default by family: "
-        + ", ".join(f"{family} -> {spec.formats[0]}" for family, spec in EXPORT_FAMILIES.items())
-        + "); gguf: one GGUF file made by llama.cpp's converter",
-    )
-    parser.add_argument("--max_shard_size", default="5GB", help="largest weight shard, e.g. 5GB, 500MB (default: 5GB)")
-    from .gguf import add_gguf_arguments
-
-    add_gguf_arguments(parser)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.format == "gguf":
-        from .gguf import run_cli
-
-        return run_cli(args)
-    try:
-        plan = plan_export(args.model_path, args.format)
-        out = write_export(plan, args.output_path, args.max_shard_size)
-    except (ExportError, CheckpointError) as error:
-        print(f"moelpr export: error: {error}", file=sys.stderr)
-        return 2
-    print(f"Exported {describe(plan)}\nto {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,12 +11,9 @@ is in docs/layer_allocation.md.
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import json
 import math
-import sys
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -395,60 +392,3 @@ def write_allocation(allocation: LayerAllocation, directory: str | Path) -> Path
     path = Path(directory) / ALLOCATION_FILE
     path.write_text(json.dumps(allocation.to_dict(), indent=2) + "\n")
     return path
-
-
-def split_paths(value: str) -> list[Path]:
-    return [Path(p) for p in value.split(",") if p.strip()]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m moelpr.upcycling.layer_allocation",
-        description="Show how --num_experts auto:K would spread K new experts over a dense model's layers "
-        "(LayerMoE: fewer where old and new languages' FFN inputs are alike). Nothing is upcycled.",
-    )
-    parser.add_argument("--model_path", required=True, help="dense HF checkpoint directory")
-    parser.add_argument("--num_experts", required=True, help="auto:K, K = new experts to spread over the layers")
-    parser.add_argument("--new_corpus", type=split_paths, default=[], help="new-language jsonl file(s), comma-separated")
-    parser.add_argument("--old_corpus", type=split_paths, default=[], help="old-language jsonl file(s), comma-separated")
-    parser.add_argument("--max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                        help=f"tokens measured per corpus, from its start (default {DEFAULT_MAX_TOKENS:,}; the authors: 100,000)")
-    parser.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH,
-                        help=f"each document is cut to this many tokens (default {DEFAULT_MAX_LENGTH})")
-    parser.add_argument("--batch_size", type=int, default=8, help="documents per forward pass")
-    parser.add_argument("--text_field", default="text", help="jsonl field holding the text (default: text)")
-    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, ...)")
-    parser.add_argument("--output_dir", type=Path, default=None, help=f"also write {ALLOCATION_FILE} into this directory")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    start = time.perf_counter()
-    try:
-        budget = parse_auto_budget(args.num_experts)
-        if budget is None:
-            raise AllocationError(f"--num_experts must be auto:K here, got {args.num_experts!r}.")
-        if not (Path(args.model_path) / "config.json").is_file():
-            raise AllocationError(f"--model_path {args.model_path} is not a model directory (no config.json there).")
-        allocation = allocate_for_checkpoint(
-            args.model_path, budget, args.new_corpus, args.old_corpus, device=args.device,
-            max_tokens=args.max_tokens, max_length=args.max_length, batch_size=args.batch_size,
-            text_field=args.text_field,
-        )
-    except AllocationError as error:
-        print(f"moelpr layer_allocation: error: {error}", file=sys.stderr)
-        return 2
-    print(allocation.table())
-    tokens = ", ".join(f"{name} {info['tokens']:,}" for name, info in allocation.corpora.items())
-    print(f"\nTokens measured: {tokens}; {time.perf_counter() - start:.0f} s in all.")
-    print(f"MoE layers: {len(allocation.moe_layers)} of {len(allocation.new_experts)}; "
-          f"--num_experts {allocation.spec}")
-    if args.output_dir is not None:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        print(f"Written: {write_allocation(allocation, args.output_dir)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

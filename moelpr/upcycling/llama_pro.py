@@ -15,11 +15,9 @@ and the output directory appears whole or not at all.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,6 @@ from pathlib import Path
 import torch
 
 from ..checkpoints.streaming import (
-    CheckpointError,
     CheckpointReader,
     parse_size,
     staged_directory,
@@ -217,35 +214,3 @@ def expand(
                     if path.is_file():
                         shutil.copy2(path, staging / path.name)
     return output_path
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moelpr expand",
-        description="LLaMA-Pro block expansion: insert N identity-initialised copies of decoder blocks, one after "
-        "each group of L/N layers, for LLaMA-Factory's `use_llama_pro` freeze training."
-    )
-    parser.add_argument(
-        "--model_path", required=True, help=f"dense HF checkpoint directory ({', '.join(sorted(FAMILIES))})"
-    )
-    parser.add_argument("--output_path", required=True, help="new directory for the expanded checkpoint")
-    parser.add_argument("--num_expand", type=int, required=True, help="blocks to add; must divide the layer count")
-    parser.add_argument("--max_shard_size", default="5GB", help="largest weight file written (default 5GB)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        out = expand(args.model_path, args.output_path, args.num_expand, args.max_shard_size)
-    except (ExpansionError, CheckpointError) as error:
-        print(f"moelpr expand: error: {error}", file=sys.stderr)
-        return 2
-    print(f"Expanded checkpoint written to {out}. Train only the new blocks with LLaMA-Factory:")
-    print(f"  model_name_or_path: {out}\n  finetuning_type: freeze\n  use_llama_pro: true")
-    print(f"  freeze_trainable_layers: {args.num_expand}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

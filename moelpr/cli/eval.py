@@ -9,15 +9,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .runner import UsageError, run_command
+
 EXAMPLE = (
     "example: moelpr eval --model base=work/models/base --model moe=saves/stage2 "
     "--heldout hu=work/corpora/hu_heldout.jsonl --heldout en=work/corpora/en_heldout.jsonl "
     "--old_languages en --output_dir work/eval"
 )
-
-
-class UsageError(ValueError):
-    """A mistake in the command line, reported as one line."""
 
 
 def _pairs(values: Sequence[str], option: str, what: str) -> dict[str, Path]:
@@ -32,7 +30,7 @@ def _pairs(values: Sequence[str], option: str, what: str) -> dict[str, Path]:
     return pairs
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moelpr eval", description=__doc__, epilog=EXAMPLE)
     parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
                         help="a checkpoint directory (dense or MoE-LPR); repeat for several; the first is the baseline of the relative table")
@@ -50,7 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--bf16", action="store_true", help="run the models in bfloat16 (faster on CPUs with AVX512-BF16)")
     parser.add_argument("--text_field", default="text", help="jsonl field holding the text (default: text)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def _validated(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, Path], set[str], dict[str, Path]]:
@@ -77,31 +75,25 @@ def _validated(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, Pat
     return models, heldout, old, runs
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        models, heldout, old, runs = _validated(args)
-    except UsageError as error:
-        print(f"moelpr eval: error: {error}", file=sys.stderr)
-        return 2
+def _eval(args: argparse.Namespace) -> None:
+    models, heldout, old, runs = _validated(args)
     logging.basicConfig(level=logging.INFO, format="[moelpr.eval] %(message)s")
 
     import torch
 
-    from .report import evaluate
+    from ..evaluation.report import evaluate
 
-    try:
-        evaluate(
-            models, heldout, old, args.output_dir, cutoff_len=args.cutoff_len, max_tokens=args.max_tokens,
-            batch_size=args.batch_size, dtype=torch.bfloat16 if args.bf16 else torch.float32, runs=runs,
-            text_field=args.text_field,
-        )
-    except ValueError as error:  # malformed held-out file, empty language
-        print(f"moelpr eval: error: {error}", file=sys.stderr)
-        return 1
+    evaluate(
+        models, heldout, old, args.output_dir, cutoff_len=args.cutoff_len, max_tokens=args.max_tokens,
+        batch_size=args.batch_size, dtype=torch.bfloat16 if args.bf16 else torch.float32, runs=runs,
+        text_field=args.text_field,
+    )
     print((args.output_dir / "perplexity.md").read_text())
     print(f"Report written to {args.output_dir}")
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("eval", build_parser(), _eval, argv)
 
 
 if __name__ == "__main__":
