@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..checkpoints.model_dir import require_model_dir
 from ..evaluation.bench import BASELINE, GROUPS, BenchSettings, score_models, write_report
 from ..evaluation.lm_eval_tasks import MAX_GENERATED_TOKENS
 from .runner import UsageError, run_command
@@ -65,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validated(args: argparse.Namespace) -> dict | None:
     for option, path in (*(("--model_path", p) for _, p in args.model_path), ("--baseline", args.baseline)):
-        if path is not None and not (path / "config.json").is_file():
-            raise UsageError(f"{option}: {path} is not a checkpoint directory (no config.json)")
+        if path is not None:
+            require_model_dir(path, f"{option}:")
     names = [name for name, _ in args.model_path]
     odd = [name for name in names if not re.fullmatch(r"[\w.-]+", name)]
     if odd:

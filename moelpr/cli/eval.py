@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..checkpoints.model_dir import require_model_dir
 from .runner import UsageError, run_command
 
 EXAMPLE = (
@@ -56,8 +57,7 @@ def _validated(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, Pat
     heldout = _pairs(args.heldout, "--heldout", "LANG")
     runs = _pairs(args.run_dir, "--run_dir", "NAME")
     for name, path in models.items():
-        if not (path / "config.json").is_file():
-            raise UsageError(f"--model {name}: {path} is not a checkpoint directory (no config.json)")
+        require_model_dir(path, f"--model {name}:")
     for lang, path in heldout.items():
         if not path.is_file():
             raise UsageError(f"--heldout {lang}: file not found: {path}")

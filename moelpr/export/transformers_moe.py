@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoints.model_dir import CONFIG_NAME, require_model_dir
 from ..checkpoints.slim import ComposedCheckpoint
 from ..checkpoints.streaming import (
     parse_size,
@@ -320,10 +321,8 @@ def plan_export(model_path: str | os.PathLike, format_name: str | None = None) -
     format); raises :class:`ExportError` with the reason otherwise. Reads only the config."""
     from transformers import AutoConfig
 
-    model_path = Path(model_path)
-    if not (model_path / "config.json").is_file():
-        raise ExportError(f"--model_path {model_path} is not a model directory (no config.json there)")
-    model_type = json.loads((model_path / "config.json").read_text()).get("model_type")
+    model_path = require_model_dir(model_path)
+    model_type = json.loads((model_path / CONFIG_NAME).read_text()).get("model_type")
     families = {config_class.model_type: dense for dense, (config_class, _) in MOE_FAMILIES.items()}
     if model_type not in families:
         raise ExportError(f"{model_path} is not an MoE-LPR checkpoint (model_type {model_type!r})")

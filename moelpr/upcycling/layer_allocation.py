@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..checkpoints.model_dir import require_model_dir
 from ..errors import MoELPRUserError
 from ..jsonl_texts import iter_jsonl_texts
 
@@ -380,6 +381,7 @@ def allocate_for_checkpoint(
     """:func:`allocate` for the dense checkpoint at ``model_path``; the corpora are read before the model loads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    require_model_dir(model_path)
     check_request(budget, new_corpora, old_corpora)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     corpora = read_corpora(tokenizer, new_corpora, old_corpora, max_tokens, max_length, text_field)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints.model_dir import CONFIG_NAME, require_model_dir
 from ..checkpoints.streaming import (
     CheckpointReader,
     parse_size,
@@ -97,9 +98,7 @@ def _divisors(number: int) -> list[int]:
 def _check_request(model_path: Path, output_path: Path, num_expand: int) -> tuple[dict, ExpansionFamily]:
     if num_expand < 1:
         raise ExpansionError(f"--num_expand must be at least 1, got {num_expand}.")
-    config_file = model_path / "config.json"
-    if not config_file.is_file():
-        raise ExpansionError(f"--model_path {model_path} is not a model directory (no config.json there).")
+    config_file = require_model_dir(model_path) / CONFIG_NAME
     config = json.loads(config_file.read_text())
     model_type = config.get("model_type")
     if model_type not in FAMILIES:

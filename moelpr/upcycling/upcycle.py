@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..checkpoints.model_dir import CONFIG_NAME, require_model_dir
 from ..checkpoints.slim import DENSE_BASE, write_reference
 from ..checkpoints.streaming import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -51,7 +52,7 @@ from .layer_allocation import (
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILES = ("config.json", SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, "pytorch_model.bin")
+MODEL_FILES = (CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 GENERATION_CONFIG_NAME = "generation_config.json"
 ADDING_A_FAMILY = "docs/adding_a_family.md"
@@ -160,9 +161,7 @@ def expert_layout(
 
 def _check_paths(model_path: Path, output_path: Path) -> str:
     """The dense model's ``model_type`` once the directories pass the checks."""
-    config_file = model_path / "config.json"
-    if not config_file.is_file():
-        raise UpcyclingError(f"--model_path {model_path} is not a model directory (no config.json there).")
+    config_file = require_model_dir(model_path) / CONFIG_NAME
     if not any((model_path / f).is_file() for f in TOKENIZER_FILES):
         raise UpcyclingError(f"--model_path {model_path} has no tokenizer files; the upcycled checkpoint needs them.")
     model_type = json.loads(config_file.read_text()).get("model_type")
