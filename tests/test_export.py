@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwe
 from moelpr.checkpoints.streaming import CheckpointReader
 from moelpr.cli.export import main
 from moelpr.export.transformers_moe import EXPORT_FAMILIES, ZERO_SHARED_EXPERT_SIZE
+from moelpr.upcycling.settings import UpcycleSettings
 from moelpr.upcycling.upcycle import upcycle
 
 NUM_LAYERS, NUM_EXPERTS, MOE_LAYERS, DENSE_LAYERS = 4, 4, (0, 2), (1, 3)
@@ -90,7 +91,9 @@ def _source_model(root: Path, family: str, tied: bool, top_k: int, seed: int, co
     tokenizer = AutoTokenizer.from_pretrained(dense)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(dense)
-    moe = upcycle(dense, root / "moelpr", num_experts=NUM_EXPERTS, top_k=top_k, moe_layers=list(MOE_LAYERS))
+    moe = upcycle(
+        dense, root / "moelpr", UpcycleSettings(num_experts=NUM_EXPERTS, top_k=top_k, moe_layers=list(MOE_LAYERS))
+    )
     _make_routing_matter(moe, seed)
     return moe
 

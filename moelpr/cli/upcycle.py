@@ -10,7 +10,8 @@ from ..checkpoints.streaming import DEFAULT_MAX_SHARD_SIZE
 from ..models import MOE_FAMILIES
 from ..models.configuration import METHOD_NAMES
 from ..upcycling.layer_allocation import DEFAULT_MAX_TOKENS
-from ..upcycling.upcycle import ROUTER_INITS, XAVIER, upcycle
+from ..upcycling.settings import ROUTER_INITS, XAVIER, UpcycleSettings
+from ..upcycling.upcycle import upcycle
 from .layer_allocation import split_paths
 from .runner import run_command
 
@@ -70,12 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _upcycle(args: argparse.Namespace) -> None:
-    out = upcycle(
-        args.model_path, args.output_path, args.num_experts, args.topk, args.moe_layers, args.seed,
-        args.max_shard_size, args.new_corpus, args.old_corpus, args.allocation_max_tokens, method=args.method,
-        router_init=args.router_init,
-        slim=args.slim,
+    settings = UpcycleSettings(
+        method=args.method, num_experts=args.num_experts, top_k=args.topk, moe_layers=args.moe_layers,
+        router_init=args.router_init, seed=args.seed, slim=args.slim, max_shard_size=args.max_shard_size,
+        new_corpora=args.new_corpus, old_corpora=args.old_corpus, allocation_max_tokens=args.allocation_max_tokens,
     )
+    out = upcycle(args.model_path, args.output_path, settings)
     print(f"Upcycled checkpoint written to {out}")
 
 
