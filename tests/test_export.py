@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwe
 
 from moelpr.checkpoints.streaming import CheckpointReader
 from moelpr.cli.export import main
-from moelpr.export.transformers_moe import EXPORT_FAMILIES, ZERO_SHARED_EXPERT_SIZE
+from moelpr.export.families import EXPORT_FAMILIES
+from moelpr.export.qwen2_moe import ZERO_SHARED_EXPERT_SIZE
 from moelpr.upcycling.settings import UpcycleSettings
 from moelpr.upcycling.upcycle import upcycle
 

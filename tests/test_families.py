@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moelpr.checkpoints.slim import ComposedCheckpoint
 from moelpr.cli.eval import main as eval_main
 from moelpr.cli.export import main as export_main
-from moelpr.export.transformers_moe import NO_STANDARD_FORMAT
+from moelpr.export.families import NO_STANDARD_FORMAT
 from moelpr.models import MOE_FAMILIES
 from moelpr.upcycling.settings import UpcycleSettings
 from moelpr.upcycling.upcycle import upcycle

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..export.families import EXPORT_FAMILIES
 from ..export.gguf import OUTTYPES, plan_gguf, write_gguf
-from ..export.transformers_moe import EXPORT_FAMILIES, FORMATS, describe, plan_export, write_export
+from ..export.transformers_moe import FORMATS, describe, plan_export, write_export
 from .runner import run_command
 
 

@@ -29,7 +29,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .transformers_moe import EXPORT_FAMILIES, ExportError, ExportPlan, plan_export, write_export
+from .families import EXPORT_FAMILIES
+from .format import ExportError
+from .transformers_moe import ExportPlan, plan_export, write_export
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the pin in requirements.txt: converter and engine of one llama.cpp commit
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
