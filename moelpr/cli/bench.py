@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..checkpoints.model_dir import require_model_dir
-from ..evaluation.bench import BASELINE, GROUPS, BenchSettings, score_models, write_report
+from ..evaluation.bench import BASELINE, GROUPS, BenchSettings, score_models
+from ..evaluation.bench_report import write_report
 from ..evaluation.lm_eval_tasks import MAX_GENERATED_TOKENS
 from .runner import UsageError, run_command
 
