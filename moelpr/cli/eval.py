@@ -33,21 +33,46 @@ def _pairs(values: Sequence[str], option: str, what: str) -> dict[str, Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moelpr eval", description=__doc__, epilog=EXAMPLE)
-    parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
-                        help="a checkpoint directory (dense or MoE-LPR); repeat for several; the first is the baseline of the relative table")
-    parser.add_argument("--heldout", action="append", required=True, metavar="LANG=FILE",
-                        help="held-out jsonl file of one language (one {\"text\": ...} per line); repeat per language")
-    parser.add_argument("--old_languages", default="", metavar="LANG[,LANG]",
-                        help="comma-separated languages (as named in --heldout) the base model already knew; the rest are new")
-    parser.add_argument("--run_dir", action="append", default=[], metavar="NAME=DIR",
-                        help="a LLaMA-Factory output directory whose trainer_state.json goes into loss_curves.png; repeatable")
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="a checkpoint directory (dense or MoE-LPR); repeat for several; the first is the baseline of the relative table",
+    )
+    parser.add_argument(
+        "--heldout",
+        action="append",
+        required=True,
+        metavar="LANG=FILE",
+        help='held-out jsonl file of one language (one {"text": ...} per line); repeat per language',
+    )
+    parser.add_argument(
+        "--old_languages",
+        default="",
+        metavar="LANG[,LANG]",
+        help="comma-separated languages (as named in --heldout) the base model already knew; the rest are new",
+    )
+    parser.add_argument(
+        "--run_dir",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a LLaMA-Factory output directory whose trainer_state.json goes into loss_curves.png; repeatable",
+    )
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--cutoff_len", type=int, default=256, help="tokens per evaluated block (default: 256)")
-    parser.add_argument("--max_tokens", type=int, default=None,
-                        help="evaluate at most this many tokens per language, spread over its documents: each gives "
-                             "at most max(cutoff_len, max_tokens / 20) tokens, more where too few documents fill less")
+    parser.add_argument(
+        "--max_tokens",
+        type=int,
+        default=None,
+        help="evaluate at most this many tokens per language, spread over its documents: each gives "
+        "at most max(cutoff_len, max_tokens / 20) tokens, more where too few documents fill less",
+    )
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--bf16", action="store_true", help="run the models in bfloat16 (faster on CPUs with AVX512-BF16)")
+    parser.add_argument(
+        "--bf16", action="store_true", help="run the models in bfloat16 (faster on CPUs with AVX512-BF16)"
+    )
     parser.add_argument("--text_field", default="text", help="jsonl field holding the text (default: text)")
     return parser
 
@@ -84,8 +109,15 @@ def _eval(args: argparse.Namespace) -> None:
     from ..evaluation.report import evaluate
 
     evaluate(
-        models, heldout, old, args.output_dir, cutoff_len=args.cutoff_len, max_tokens=args.max_tokens,
-        batch_size=args.batch_size, dtype=torch.bfloat16 if args.bf16 else torch.float32, runs=runs,
+        models,
+        heldout,
+        old,
+        args.output_dir,
+        cutoff_len=args.cutoff_len,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        runs=runs,
         text_field=args.text_field,
     )
     print((args.output_dir / "perplexity.md").read_text())

@@ -13,7 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moelpr expand",
         description="LLaMA-Pro block expansion: insert N identity-initialised copies of decoder blocks, one after "
-        "each group of L/N layers, for LLaMA-Factory's `use_llama_pro` freeze training."
+        "each group of L/N layers, for LLaMA-Factory's `use_llama_pro` freeze training.",
     )
     parser.add_argument(
         "--model_path", required=True, help=f"dense HF checkpoint directory ({', '.join(sorted(FAMILIES))})"

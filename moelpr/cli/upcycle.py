@@ -38,9 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
         "similarity of hidden states on --new_corpus / --old_corpus (LayerMoE; --moe_layers then names the "
         "candidate layers)",
     )
-    parser.add_argument("--topk", type=int, default=None, help="experts per token (default 2 for moe_lpr, 1 for moe_ct)")
     parser.add_argument(
-        "--moe_layers", default=None, help="'all' (default), 'every:K', or indices like '0,2,5-7'; other layers stay dense"
+        "--topk", type=int, default=None, help="experts per token (default 2 for moe_lpr, 1 for moe_ct)"
+    )
+    parser.add_argument(
+        "--moe_layers",
+        default=None,
+        help="'all' (default), 'every:K', or indices like '0,2,5-7'; other layers stay dense",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the router initialisation")
     parser.add_argument(
@@ -50,12 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="xavier (default, the MoE-LPR authors'): std sqrt(2 / (hidden + num_experts)); normal: std = the "
         "config's initializer_range (this project's initialisation before; the demo's figures were measured with it)",
     )
-    parser.add_argument("--new_corpus", type=split_paths, default=None, metavar="FILE[,FILE]",
-                        help="with auto:K: jsonl texts ({\"text\": ...}) of the new languages, comma-separated")
-    parser.add_argument("--old_corpus", type=split_paths, default=None, metavar="FILE[,FILE]",
-                        help="with auto:K: jsonl texts of the languages the model already knows")
-    parser.add_argument("--allocation_max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                        help=f"with auto:K: tokens read from each corpus (default {DEFAULT_MAX_TOKENS})")
+    parser.add_argument(
+        "--new_corpus",
+        type=split_paths,
+        default=None,
+        metavar="FILE[,FILE]",
+        help='with auto:K: jsonl texts ({"text": ...}) of the new languages, comma-separated',
+    )
+    parser.add_argument(
+        "--old_corpus",
+        type=split_paths,
+        default=None,
+        metavar="FILE[,FILE]",
+        help="with auto:K: jsonl texts of the languages the model already knows",
+    )
+    parser.add_argument(
+        "--allocation_max_tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"with auto:K: tokens read from each corpus (default {DEFAULT_MAX_TOKENS})",
+    )
     parser.add_argument(
         "--slim",
         action="store_true",
@@ -72,9 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _upcycle(args: argparse.Namespace) -> None:
     settings = UpcycleSettings(
-        method=args.method, num_experts=args.num_experts, top_k=args.topk, moe_layers=args.moe_layers,
-        router_init=args.router_init, seed=args.seed, slim=args.slim, max_shard_size=args.max_shard_size,
-        new_corpora=args.new_corpus, old_corpora=args.old_corpus, allocation_max_tokens=args.allocation_max_tokens,
+        method=args.method,
+        num_experts=args.num_experts,
+        top_k=args.topk,
+        moe_layers=args.moe_layers,
+        router_init=args.router_init,
+        seed=args.seed,
+        slim=args.slim,
+        max_shard_size=args.max_shard_size,
+        new_corpora=args.new_corpus,
+        old_corpora=args.old_corpus,
+        allocation_max_tokens=args.allocation_max_tokens,
     )
     out = upcycle(args.model_path, args.output_path, settings)
     print(f"Upcycled checkpoint written to {out}")

@@ -26,6 +26,7 @@ from .lm_eval_tasks import LANGUAGES, TRANSLATION_SHOTS, write_translation_task
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Benchmark:
     label: str
@@ -37,15 +38,31 @@ class Benchmark:
 # The task names lm-eval 0.4.13 has for the paper's languages (okapi's translations where they exist, then the
 # machine-translated ARC and Global-MMLU); languages missing here have no task in that version.
 BENCHMARKS = {
-    "arc": Benchmark("ARC-Challenge", 25, "acc_norm", {
-        "en": "arc_challenge", "es": "arc_es", "zh": "arc_zh", "hu": "arc_hu", "el": "arc_challenge_mt_el"}),
-    "hellaswag": Benchmark("HellaSwag", 10, "acc_norm", {
-        "en": "hellaswag", "es": "hellaswag_es", "hu": "hellaswag_hu"}),
-    "mmlu": Benchmark("MMLU", 5, "acc", {
-        "en": "mmlu", "es": "m_mmlu_es", "zh": "m_mmlu_zh", "hu": "m_mmlu_hu", "tr": "global_mmlu_full_tr",
-        "el": "global_mmlu_full_el"}),
-    "belebele": Benchmark("Belebele", 5, "acc", {
-        code: f"belebele_{flores}" for code, (_, flores) in LANGUAGES.items()}),
+    "arc": Benchmark(
+        "ARC-Challenge",
+        25,
+        "acc_norm",
+        {"en": "arc_challenge", "es": "arc_es", "zh": "arc_zh", "hu": "arc_hu", "el": "arc_challenge_mt_el"},
+    ),
+    "hellaswag": Benchmark(
+        "HellaSwag", 10, "acc_norm", {"en": "hellaswag", "es": "hellaswag_es", "hu": "hellaswag_hu"}
+    ),
+    "mmlu": Benchmark(
+        "MMLU",
+        5,
+        "acc",
+        {
+            "en": "mmlu",
+            "es": "m_mmlu_es",
+            "zh": "m_mmlu_zh",
+            "hu": "m_mmlu_hu",
+            "tr": "global_mmlu_full_tr",
+            "el": "global_mmlu_full_el",
+        },
+    ),
+    "belebele": Benchmark(
+        "Belebele", 5, "acc", {code: f"belebele_{flores}" for code, (_, flores) in LANGUAGES.items()}
+    ),
 }
 FLORES_X_EN, FLORES_EN_X = "flores_x_en", "flores_en_x"
 FLORES_HF = "openlanguagedata/flores_plus"  # FLORES+ on the Hugging Face hub: one config per language, dev/devtest
@@ -97,8 +114,9 @@ def write_flores_tasks(codes: Sequence[str], out: Path, flores_dir: Path | None,
         for benchmark, source, target in ((FLORES_X_EN, code, "en"), (FLORES_EN_X, "en", code)):
             as_docs = [[{"source": p[source], "target": p[target]} for p in split] for split in (test, pairs["dev"])]
             name = f"moelpr_flores_{source}_{target}"
-            tasks[benchmark][code] = write_translation_task(out, name, source, target, as_docs[0],
-                                                            as_docs[1][:TRANSLATION_SHOTS])
+            tasks[benchmark][code] = write_translation_task(
+                out, name, source, target, as_docs[0], as_docs[1][:TRANSLATION_SHOTS]
+            )
     return tasks
 
 
@@ -110,26 +128,46 @@ class Plan:
     missing: list[str]  # one line each
 
 
-def plan(new: Sequence[str], old: Sequence[str], task_dir: Path, flores_dir: Path | None, helppage_tasks: Path | None,
-         task_map: Mapping[str, Mapping] | None, limit: int | None, groups: Sequence[str] = GROUPS) -> Plan:
+def plan(
+    new: Sequence[str],
+    old: Sequence[str],
+    task_dir: Path,
+    flores_dir: Path | None,
+    helppage_tasks: Path | None,
+    task_map: Mapping[str, Mapping] | None,
+    limit: int | None,
+    groups: Sequence[str] = GROUPS,
+) -> Plan:
     """``groups``: which of :data:`GROUPS` to run (the help pages only with ``helppage_tasks``)."""
     languages = [*new, *old]
     missing = []
     benchmarks: dict[str, Benchmark] = {}
-    chosen = BENCHMARKS if task_map is None else {
-        key: Benchmark(entry.get("label", key), entry.get("shots"), entry["metric"], entry["tasks"])
-        for key, entry in task_map.items()}
+    chosen = (
+        BENCHMARKS
+        if task_map is None
+        else {
+            key: Benchmark(entry.get("label", key), entry.get("shots"), entry["metric"], entry["tasks"])
+            for key, entry in task_map.items()
+        }
+    )
     for key, benchmark in (chosen if "paper" in groups else {}).items():
         benchmarks[key] = benchmark
-        missing += [f"{benchmark.label} / {lang}: lm-eval 0.4.13 has no task for this language; left out"
-                    for lang in languages if lang not in benchmark.tasks]
+        missing += [
+            f"{benchmark.label} / {lang}: lm-eval 0.4.13 has no task for this language; left out"
+            for lang in languages
+            if lang not in benchmark.tasks
+        ]
     flores = write_flores_tasks(languages, task_dir, flores_dir, limit) if "flores" in groups else {}
     for key, label in ((FLORES_X_EN, "FLORES X->en chrF"), (FLORES_EN_X, "FLORES en->X chrF")):
         if key not in flores:
             continue
         benchmarks[key] = Benchmark(label, None, "chrf", flores[key])
-        missing += [f"{label} / {lang}: no FLORES data (give --flores_dir or fill the HF datasets cache with "
-                    f"{FLORES_HF}); left out" for lang in languages if lang != "en" and lang not in flores[key]]
+        missing += [
+            f"{label} / {lang}: no FLORES data (give --flores_dir or fill the HF datasets cache with "
+            f"{FLORES_HF}); left out"
+            for lang in languages
+            if lang != "en" and lang not in flores[key]
+        ]
     if helppage_tasks is not None and "helppages" in groups:
         for key, (label, metric, pattern) in HELPPAGES.items():
             tasks = {}
@@ -163,8 +201,14 @@ def _task_items(results: Mapping, task: str, metric: str) -> dict[str, list] | N
 
 
 def run_model(
-    model_path: Path, plan_: Plan, include_paths: Sequence[Path], device: str, batch_size: int | str, dtype: str,
-    limit: int | None, max_gen_toks: int | None = None,
+    model_path: Path,
+    plan_: Plan,
+    include_paths: Sequence[Path],
+    device: str,
+    batch_size: int | str,
+    dtype: str,
+    limit: int | None,
+    max_gen_toks: int | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, list]]], list[str]]:
     """Scores of one model, benchmark -> language -> score; the scored items the same way (for the intervals); and
     one line per task that could not run. ``max_gen_toks`` caps the translations' generated tokens (default: the
@@ -188,13 +232,21 @@ def run_model(
                 failed.append(f"{benchmark.label} / {lang}: lm-eval has no task {task}; left out")
                 continue
             try:
-                results = lm_eval.simple_evaluate(model=model, tasks=[task], num_fewshot=benchmark.shots,
-                                                  task_manager=manager, limit=limit, log_samples=True,
-                                                  bootstrap_iters=0, gen_kwargs=gen_kwargs)
+                results = lm_eval.simple_evaluate(
+                    model=model,
+                    tasks=[task],
+                    num_fewshot=benchmark.shots,
+                    task_manager=manager,
+                    limit=limit,
+                    log_samples=True,
+                    bootstrap_iters=0,
+                    gen_kwargs=gen_kwargs,
+                )
             except Exception as error:  # noqa: BLE001 - absent data surfaces as many exception types
                 first_line = (str(error).strip().splitlines() or [""])[0][:200]
-                failed.append(f"{benchmark.label} / {lang}: {task} could not run ({type(error).__name__}: "
-                              f"{first_line}); left out")
+                failed.append(
+                    f"{benchmark.label} / {lang}: {task} could not run ({type(error).__name__}: {first_line}); left out"
+                )
                 continue
             score = _score(results, task, benchmark.metric)
             if score is None:
@@ -254,24 +306,45 @@ def score_models(checkpoints: Mapping[str, Path], output_dir: Path, settings: Be
     output_dir.mkdir(parents=True, exist_ok=True)
     task_dir = output_dir / "tasks"
     task_dir.mkdir(exist_ok=True)
-    plan_ = plan(settings.new, settings.old, task_dir, settings.flores_dir, settings.helppage_tasks,
-                 settings.task_map, settings.limit, settings.groups)
+    plan_ = plan(
+        settings.new,
+        settings.old,
+        task_dir,
+        settings.flores_dir,
+        settings.helppage_tasks,
+        settings.task_map,
+        settings.limit,
+        settings.groups,
+    )
     include = [task_dir, *([settings.helppage_tasks] if settings.helppage_tasks else []), *settings.include_paths]
     scores: dict[str, dict] = {}
     items: dict[str, dict] = {}
     missing = list(plan_.missing)
     for name, path in checkpoints.items():
-        kept_settings = {"path": str(path), "modified": (path / "config.json").stat().st_mtime_ns,
-                         "tasks": {k: dict(b.tasks) for k, b in plan_.benchmarks.items()},
-                         "limit": settings.limit, "max_gen_toks": settings.max_gen_toks, "dtype": settings.dtype}
+        kept_settings = {
+            "path": str(path),
+            "modified": (path / "config.json").stat().st_mtime_ns,
+            "tasks": {k: dict(b.tasks) for k, b in plan_.benchmarks.items()},
+            "limit": settings.limit,
+            "max_gen_toks": settings.max_gen_toks,
+            "dtype": settings.dtype,
+        }
         saved = output_dir / "scores" / f"{name}.json"
         done = json.loads(saved.read_text()) if saved.is_file() else None
         if done is not None and done["settings"] == kept_settings and "items" in done:
             logger.info("%s: scores of an earlier run with the same settings (%s)", name, saved)
             scores[name], items[name], failed = done["scores"], done["items"], done["failed"]
         else:
-            scores[name], items[name], failed = run_model(path, plan_, include, settings.device, settings.batch_size,
-                                                          settings.dtype, settings.limit, settings.max_gen_toks)
+            scores[name], items[name], failed = run_model(
+                path,
+                plan_,
+                include,
+                settings.device,
+                settings.batch_size,
+                settings.dtype,
+                settings.limit,
+                settings.max_gen_toks,
+            )
             saved.parent.mkdir(exist_ok=True)
             partial = saved.with_suffix(".partial")
             kept = {"settings": kept_settings, "scores": scores[name], "items": items[name], "failed": failed}

@@ -17,8 +17,14 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def layout(scores: Mapping[str, Mapping[str, Mapping[str, float]]], benchmarks: Mapping[str, Benchmark],
-           new: Sequence[str], old: Sequence[str], baseline: str | None, items: ModelItems | None = None) -> dict:
+def layout(
+    scores: Mapping[str, Mapping[str, Mapping[str, float]]],
+    benchmarks: Mapping[str, Benchmark],
+    new: Sequence[str],
+    old: Sequence[str],
+    baseline: str | None,
+    items: ModelItems | None = None,
+) -> dict:
     """The paper's layout from ``model -> benchmark -> language -> score``. Only cells every model has enter the
     averages; per benchmark the mean over its expanded and over its original languages, and over benchmarks the
     mean of those per-benchmark means. With ``baseline``: every other model's change (points) and the share of the
@@ -30,8 +36,12 @@ def layout(scores: Mapping[str, Mapping[str, Mapping[str, float]]], benchmarks: 
         common = [lang for lang in (*new, *old) if all(lang in scores[m].get(key, {}) for m in models)]
         if not common:
             continue
-        table["benchmarks"][key] = {"label": benchmark.label, "metric": benchmark.metric, "shots": benchmark.shots,
-                                    "languages": common}
+        table["benchmarks"][key] = {
+            "label": benchmark.label,
+            "metric": benchmark.metric,
+            "shots": benchmark.shots,
+            "languages": common,
+        }
         for m in models:
             cells = {lang: scores[m][key][lang] for lang in common}
             table["models"][m]["benchmarks"][key] = {
@@ -52,8 +62,10 @@ def layout(scores: Mapping[str, Mapping[str, Mapping[str, float]]], benchmarks: 
             entry["vs_baseline"] = {}
             for group in ("expanded", "original"):
                 if entry[group] is not None and base[group] is not None:
-                    entry["vs_baseline"][group] = {"change": entry[group] - base[group],
-                                                   "kept": entry[group] / base[group] if base[group] else None}
+                    entry["vs_baseline"][group] = {
+                        "change": entry[group] - base[group],
+                        "kept": entry[group] / base[group] if base[group] else None,
+                    }
         if items is not None:
             _add_intervals(table, items, new, old, baseline)
     return table
@@ -63,8 +75,10 @@ def _add_intervals(table: dict, items: ModelItems, new: Sequence[str], old: Sequ
     groups = {}
     for key, entry in table["benchmarks"].items():
         if all(items.get(m, {}).get(key, {}).get(lang) for m in table["models"] for lang in entry["languages"]):
-            groups[key] = {"expanded": [lang for lang in entry["languages"] if lang in new],
-                           "original": [lang for lang in entry["languages"] if lang in old]}
+            groups[key] = {
+                "expanded": [lang for lang in entry["languages"] if lang in new],
+                "original": [lang for lang in entry["languages"] if lang in old],
+            }
     if not groups:
         return
     metrics = {key: table["benchmarks"][key]["metric"] for key in groups}
@@ -75,7 +89,8 @@ def _add_intervals(table: dict, items: ModelItems, new: Sequence[str], old: Sequ
             base_cells = table["models"][baseline]["benchmarks"][key]
             entry["benchmarks"][key]["vs_baseline"] = {
                 group: {"change": entry["benchmarks"][key][group] - base_cells[group], "interval": list(bounds)}
-                for group, bounds in by_group.items()}
+                for group, bounds in by_group.items()
+            }
         if len(groups) == len(table["benchmarks"]):
             for group in ("expanded", "original"):
                 if group in found and group in entry["vs_baseline"]:
@@ -94,29 +109,46 @@ def _change(versus: Mapping) -> str:
     return f"{versus['change']:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
-def markdown(table: Mapping, new: Sequence[str], old: Sequence[str], baseline: str | None, missing: Sequence[str],
-             limit: int | None) -> str:
+def markdown(
+    table: Mapping,
+    new: Sequence[str],
+    old: Sequence[str],
+    baseline: str | None,
+    missing: Sequence[str],
+    limit: int | None,
+) -> str:
     models = list(table["models"])
     lines = ["# Benchmark accuracy in the MoE-LPR paper's layout", ""]
     if limit:
-        lines += [f"**Each task limited to its first {limit} documents**: not the benchmark's own score, and noisier "
-                  "the fewer documents are scored.", ""]
-    lines += ["Accuracies in percent (ARC and HellaSwag: length-normalised), translation in chrF (0-100); "
-              f"expanded = mean over {', '.join(new)}, original = mean over {', '.join(old)}, over the languages "
-              "each benchmark has.", ""]
+        lines += [
+            f"**Each task limited to its first {limit} documents**: not the benchmark's own score, and noisier "
+            "the fewer documents are scored.",
+            "",
+        ]
+    lines += [
+        "Accuracies in percent (ARC and HellaSwag: length-normalised), translation in chrF (0-100); "
+        f"expanded = mean over {', '.join(new)}, original = mean over {', '.join(old)}, over the languages "
+        "each benchmark has.",
+        "",
+    ]
     keys = list(table["benchmarks"])
     header = ["model", *(f"{table['benchmarks'][k]['label']} exp. / orig." for k in keys), "expanded", "original"]
     lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for m in models:
         entry = table["models"][m]
-        cells = [f"{_fmt(entry['benchmarks'][k]['expanded'])} / {_fmt(entry['benchmarks'][k]['original'])}"
-                 for k in keys]
+        cells = [
+            f"{_fmt(entry['benchmarks'][k]['expanded'])} / {_fmt(entry['benchmarks'][k]['original'])}" for k in keys
+        ]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {_fmt(entry['expanded'])} | {_fmt(entry['original'])} |")
     if baseline is not None and len(models) > 1:
-        lines += ["", f"Against `{baseline}`: change in points (in brackets its 95% interval, paired bootstrap over "
-                  "the scored items), and the share of its score kept:", "",
-                  "| model | expanded change | expanded kept | original change | original kept |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"Against `{baseline}`: change in points (in brackets its 95% interval, paired bootstrap over "
+            "the scored items), and the share of its score kept:",
+            "",
+            "| model | expanded change | expanded kept | original change | original kept |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for m in models:
             if m == baseline:
                 continue
@@ -134,9 +166,12 @@ def markdown(table: Mapping, new: Sequence[str], old: Sequence[str], baseline: s
         langs = table["benchmarks"][k]["languages"]
         shots = table["benchmarks"][k]["shots"]
         shots_text = "shots as in the task file" if shots is None else f"{shots}-shot"
-        lines += [f"**{table['benchmarks'][k]['label']}** ({shots_text})", "",
-                  "| model | " + " | ".join(f"{lang} ({'new' if lang in new else 'old'})" for lang in langs) + " |",
-                  "|---|" + "---:|" * len(langs)]
+        lines += [
+            f"**{table['benchmarks'][k]['label']}** ({shots_text})",
+            "",
+            "| model | " + " | ".join(f"{lang} ({'new' if lang in new else 'old'})" for lang in langs) + " |",
+            "|---|" + "---:|" * len(langs),
+        ]
         for m in models:
             cells = table["models"][m]["benchmarks"][k]["languages"]
             lines.append(f"| {m} | " + " | ".join(_fmt(cells[lang]) for lang in langs) + " |")
@@ -162,15 +197,19 @@ def plot(table: Mapping, path: Path) -> None:
         for index, m in enumerate(models):
             values = [table["models"][m]["benchmarks"][k][group] for k in keys]
             ax.bar(np.arange(len(keys)) + index * width, [np.nan if v is None else v for v in values], width, label=m)
-        ax.set_xticks(np.arange(len(keys)) + width * (len(models) - 1) / 2,
-                      [table["benchmarks"][k]["label"] for k in keys], rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(
+            np.arange(len(keys)) + width * (len(models) - 1) / 2,
+            [table["benchmarks"][k]["label"] for k in keys],
+            rotation=30,
+            ha="right",
+            fontsize=8,
+        )
         ax.set_title(f"{group} languages")
         ax.set_ylabel("accuracy % / chrF")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
 
 
 def write_report(scored: BenchScores, output_dir: Path, settings: BenchSettings) -> str:
@@ -180,9 +219,15 @@ def write_report(scored: BenchScores, output_dir: Path, settings: BenchSettings)
     table = layout(scored.scores, scored.benchmarks, settings.new, settings.old, scored.baseline, scored.items)
     if not table["benchmarks"]:
         raise EvaluationError("no benchmark could be run (see the lines above)")
-    report = {"checkpoints": {name: str(path) for name, path in scored.checkpoints.items()}, "new": settings.new,
-              "old": settings.old, "limit": settings.limit, "scores": scored.scores, "missing": scored.missing,
-              **table}
+    report = {
+        "checkpoints": {name: str(path) for name, path in scored.checkpoints.items()},
+        "new": settings.new,
+        "old": settings.old,
+        "limit": settings.limit,
+        "scores": scored.scores,
+        "missing": scored.missing,
+        **table,
+    }
     (output_dir / "bench.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     text = markdown(table, settings.new, settings.old, scored.baseline, scored.missing, settings.limit)
     (output_dir / "bench.md").write_text(text)

@@ -91,7 +91,9 @@ def converter_dir() -> Path:
     with tempfile.TemporaryDirectory(prefix=".llama-cpp-sdist.", dir=cached.parent) as tmp:
         download = subprocess.run(
             [sys.executable, "-m", *PIP_DOWNLOAD.split(), "-d", tmp, "-q"],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         sdists = list(Path(tmp).glob(f"{SDIST_NAME}.tar.gz"))
         if download.returncode != 0 or not sdists:
@@ -103,10 +105,15 @@ def converter_dir() -> Path:
         staging = Path(tmp) / "converter"
         prefix = f"{SDIST_NAME}/vendor/llama.cpp/"
         with tarfile.open(sdists[0]) as sdist:
-            members = [m for m in sdist.getmembers() if m.name.startswith(prefix)
-                       and m.name[len(prefix):].split("/")[0] in CONVERTER_PATHS and (m.isfile() or m.isdir())]
+            members = [
+                m
+                for m in sdist.getmembers()
+                if m.name.startswith(prefix)
+                and m.name[len(prefix) :].split("/")[0] in CONVERTER_PATHS
+                and (m.isfile() or m.isdir())
+            ]
             for member in members:
-                member.name = member.name[len(prefix):]
+                member.name = member.name[len(prefix) :]
             sdist.extractall(staging, members=members, filter="data")
         shutil.rmtree(cached, ignore_errors=True)
         staging.rename(cached)
@@ -170,9 +177,18 @@ def write_gguf(plan: ExportPlan, output_path: str | os.PathLike, outtype: str) -
             convert_outtype = "f32" if outtype in K_QUANTS else outtype
             print(f"Converting with llama.cpp's convert_hf_to_gguf.py --outtype {convert_outtype}", file=sys.stderr)
             run = subprocess.run(
-                [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(checkpoint),
-                 "--outfile", str(converted), "--outtype", convert_outtype],
-                capture_output=True, text=True, check=False,
+                [
+                    sys.executable,
+                    str(converter / "convert_hf_to_gguf.py"),
+                    str(checkpoint),
+                    "--outfile",
+                    str(converted),
+                    "--outtype",
+                    convert_outtype,
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if run.returncode != 0 or not converted.is_file():
                 last = (run.stderr.strip().splitlines() or ["no output"])[-1]

@@ -313,7 +313,10 @@ def write_export(plan: ExportPlan, output_path: str | os.PathLike, max_shard_siz
         with staged_directory(output_path) as staging:
             names = reader.names()
             write_derived_tensors(
-                staging, reader, lambda get: export_tensors(plan, names, get), max_shard_bytes,
+                staging,
+                reader,
+                lambda get: export_tensors(plan, names, get),
+                max_shard_bytes,
                 desc=f"exporting to {plan.target.name}",
             )
             (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

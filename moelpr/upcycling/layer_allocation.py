@@ -49,7 +49,7 @@ def parse_auto_budget(spec: str) -> int | None:
     spec = spec.strip()
     if not spec.lower().startswith(AUTO_PREFIX):
         return None
-    value = spec[len(AUTO_PREFIX):].strip()
+    value = spec[len(AUTO_PREFIX) :].strip()
     if not value.isdigit() or int(value) < 1:
         raise AllocationError(f"--num_experts {spec!r}: auto:K needs a whole number K >= 1 of new experts to spread.")
     return int(value)
@@ -179,7 +179,9 @@ def layer_similarity(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Te
     if not new or not old:
         raise AllocationError("the similarity needs at least one new-language and one old-language corpus.")
 
-    def pair_means(keys: list[tuple[str, str]], group: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+    def pair_means(
+        keys: list[tuple[str, str]], group: Mapping[str, torch.Tensor]
+    ) -> dict[tuple[str, str], torch.Tensor]:
         return {(a, b): (new[a] * group[b]).sum(dim=-1) for a, b in keys}
 
     new_new_pairs = pair_means(list(combinations(new, 2)), new)
@@ -243,7 +245,10 @@ class LayerAllocation:
     def table(self) -> str:
         """Markdown table: layer, similarity (and its two parts), new experts, experts."""
         sim = self.similarity
-        lines = ["| layer | similarity | new-old | new-new | new experts | experts |", "|---:|---:|---:|---:|---:|---:|"]
+        lines = [
+            "| layer | similarity | new-old | new-new | new experts | experts |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
         for i, n in enumerate(self.new_experts):
             new_new = "" if sim.new_new is None else f"{sim.new_new[i]:.4f}"
             experts = f"{n + 1}" if n else "1 (dense)"
@@ -341,8 +346,13 @@ def allocate_measured(
     similarity = measure_similarity(model, corpora, batch_size)
     new_experts = allocate_new_experts(similarity.values, budget, layers)
     described = {
-        c.name: {"role": c.role, "path": str(c.path), "tokens": c.tokens, "documents": len(c.documents),
-                 "max_length": c.max_length}
+        c.name: {
+            "role": c.role,
+            "path": str(c.path),
+            "tokens": c.tokens,
+            "documents": len(c.documents),
+            "max_length": c.max_length,
+        }
         for c in corpora
     }
     return LayerAllocation(budget, similarity, new_experts, described)

@@ -295,7 +295,9 @@ def upcycle(model_path: str | Path, output_path: str | Path, settings: UpcycleSe
     dense_config = AutoConfig.from_pretrained(model_path)
     allocation = None
     if budget is not None:
-        candidates = parse_layers(moe_layers, dense_config.num_hidden_layers) if isinstance(moe_layers, str) else moe_layers
+        candidates = (
+            parse_layers(moe_layers, dense_config.num_hidden_layers) if isinstance(moe_layers, str) else moe_layers
+        )
         allocation = allocate_for_checkpoint(
             model_path, budget, new_corpora, old_corpora, layers=candidates, max_tokens=settings.allocation_max_tokens
         )
