@@ -241,10 +241,12 @@ def test_moect_freeze_rules_with_tied_embeddings(tmp_path, train_embeddings):
     from transformers import AutoModelForCausalLM
 
     from moelpr.llamafactory_plugin.model import setup_moelpr_tuning
+    from moelpr.upcycling.settings import UpcycleSettings
     from moelpr.upcycling.upcycle import upcycle
 
     dense = save_dense_model(tmp_path / "dense", "qwen2", num_layers=2, tie_word_embeddings=True)
-    model = AutoModelForCausalLM.from_pretrained(upcycle(dense, tmp_path / "ct", moe_layers=[1], method="moe_ct"))
+    upcycled = upcycle(dense, tmp_path / "ct", UpcycleSettings(moe_layers=[1], method="moe_ct"))
+    model = AutoModelForCausalLM.from_pretrained(upcycled)
     setup_moelpr_tuning(model, "post_pretrain", upcast_trainable=False, train_embeddings=train_embeddings)
     trained = {name for name, param in model.named_parameters() if param.requires_grad}
     moe = {name for name, _ in model.named_parameters() if name.startswith("model.layers.1.mlp.")}

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from moelpr.checkpoints.merge import merge
 from moelpr.checkpoints.slim import MOE_BASE, REFERENCE_NAME, ComposedCheckpoint, write_reference
+from moelpr.upcycling.settings import UpcycleSettings
 from moelpr.upcycling.upcycle import upcycle
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
@@ -90,9 +92,9 @@ def chains(tiny_dense_dir, tmp_path_factory) -> dict[tuple[str, str], dict[str, 
         for method in ("moe_lpr", "moe_ct"):
             root = tmp_path_factory.mktemp(f"{family}_{method}")
             dense = shutil.copytree(tiny_dense_dir(family), root / "dense")
-            layout = {"moe_layers": "0,2", "method": method}
-            paths = {"dense": dense, "upcycled_whole": upcycle(dense, root / "upcycled_whole", **layout)}
-            paths["upcycled_slim"] = upcycle(dense, root / "upcycled_slim", slim=True, **layout)
+            settings = UpcycleSettings(moe_layers="0,2", method=method)
+            paths = {"dense": dense, "upcycled_whole": upcycle(dense, root / "upcycled_whole", settings)}
+            paths["upcycled_slim"] = upcycle(dense, root / "upcycled_slim", replace(settings, slim=True))
             whole, slim = save_stage(paths["upcycled_whole"], paths["upcycled_slim"], root, "post_pretrain", 1)
             if method == "moe_lpr":
                 whole, slim = save_stage(whole, slim, root, "review", 2)
