@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..extras import MissingExtraError, require
 from .intervals import MismatchedDocuments
 from .lm_eval_tasks import LANGUAGES, MAX_GENERATED_TOKENS, TRANSLATION_SHOTS, write_translation_task
 from .score_intervals import ModelItems, change_intervals
@@ -468,8 +469,9 @@ def _validated(args: argparse.Namespace) -> dict | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        require("eval", purpose="moelpr bench")  # lm-eval scores, sacrebleu's chrF intervals, matplotlib's chart
         task_map = _validated(args)
-    except UsageError as error:
+    except (UsageError, MissingExtraError) as error:
         print(f"moelpr bench: error: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="[moelpr.bench] %(message)s")

@@ -88,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
+    from ..extras import MissingExtraError
     from .report import evaluate
 
     try:
@@ -96,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size, dtype=torch.bfloat16 if args.bf16 else torch.float32, runs=runs,
             text_field=args.text_field,
         )
-    except ValueError as error:  # malformed held-out file, empty language
+    except (ValueError, MissingExtraError) as error:  # malformed held-out file, empty language; no matplotlib
         print(f"moelpr eval: error: {error}", file=sys.stderr)
         return 1
     print((args.output_dir / "perplexity.md").read_text())

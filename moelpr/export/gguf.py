@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 from ..checkpoints.streaming import CheckpointError
+from ..extras import MissingExtraError, require
 from .transformers_moe import EXPORT_FAMILIES, ExportError, ExportPlan, describe, plan_export, write_export
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the pin in requirements.txt: converter and engine of one llama.cpp commit
@@ -114,13 +115,8 @@ def converter_dir() -> Path:
 
 
 def _quantize(source: Path, target: Path, outtype: str) -> None:
-    try:
-        import llama_cpp
-    except ImportError:
-        raise ExportError(
-            f"--outtype {outtype} needs llama.cpp's quantizer: pip install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} "
-            "(builds llama.cpp once; needs cmake and g++)"
-        ) from None
+    import llama_cpp  # write_gguf has checked that it is installed
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = K_QUANTS[outtype]
     params.nthread = os.cpu_count() or 1
@@ -157,6 +153,8 @@ def write_gguf(plan: ExportPlan, output_path: str | os.PathLike, outtype: str) -
         raise ExportError(f"--output_path {output_path} should be a .gguf file")
     if output_path.exists():
         raise ExportError(f"--output_path {output_path} exists; choose a new file")
+    if outtype in K_QUANTS:  # llama.cpp's quantizer, through its Python binding
+        require("gguf", "llama_cpp", purpose=f"--outtype {outtype}")
     _check_engine_version()
     converter = converter_dir()
 
@@ -212,7 +210,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         plan = plan_gguf(args.model_path)
         out = write_gguf(plan, args.output_path, args.outtype)
-    except (ExportError, CheckpointError) as error:
+    except (ExportError, CheckpointError, MissingExtraError) as error:
         print(f"moelpr export: error: {error}", file=sys.stderr)
         return 2
     print(f"Exported {describe(plan)}\nas GGUF ({args.outtype}) to {out}")
