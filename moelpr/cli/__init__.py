@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "eval": ("moelpr.evaluation.cli", "per-language perplexity and routing report of one or more models"),
     "bench": ("moelpr.evaluation.bench", "benchmark accuracy (ARC, HellaSwag, MMLU, Belebele, FLORES) in the paper's layout"),
     "corpora": ("moelpr.corpora.cli", "build the demo corpora from Debian's LibreOffice help and fortunes"),
+    "env": ("moelpr.cli.env", "versions, extras, plugin state and device, for a problem report"),
 }
 
 
