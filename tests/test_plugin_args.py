@@ -131,11 +131,15 @@ def test_lang_mask_needs_a_language_on_every_dataset(base_args, tmp_path):
     get_train_args({**args, "generate_lang_mask": False})  # stage 1 without the mask needs no language
 
 
-def test_version_check_names_the_supported_range(monkeypatch):
-    assert plugin.check_llamafactory_version() == "0.9.5"
-    monkeypatch.setattr(plugin, "version", lambda _: "0.9.4")
-    with pytest.raises(RuntimeError, match=r"supports llamafactory>=0.9.5,<0.9.6, but 0.9.4 is installed"):
-        plugin.check_llamafactory_version()
+def test_release_check_names_the_supported_releases(monkeypatch):
+    import importlib.metadata
+
+    plugin.check_releases()  # the installed stack is the checked one
+    installed = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.9.4" if name == "llamafactory" else installed(name))
+    with pytest.raises(plugin.UnsupportedReleaseError, match=r"supports llamafactory>=0.9.5,<0.9.6 with "
+                       r"transformers>=5.6,<5.7, and llamafactory 0.9.4 is installed"):
+        plugin.check_releases()
 
 
 def test_startup_hook_is_cheap_and_applies_the_plugin_to_llamafactory():

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     ),
     "eval": ("moelpr.cli.eval", "per-language perplexity and routing report of one or more models"),
     "bench": ("moelpr.cli.bench", "benchmark accuracy (ARC, HellaSwag, MMLU, Belebele, FLORES) in the paper's layout"),
+    "env": ("moelpr.cli.env", "versions, extras, plugin state and device, for a problem report"),
 }
 
 

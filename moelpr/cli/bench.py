@@ -17,6 +17,7 @@ from ..checkpoints.model_dir import require_model_dir
 from ..evaluation.bench import BASELINE, GROUPS, BenchSettings, score_models
 from ..evaluation.bench_report import write_report
 from ..evaluation.lm_eval_tasks import MAX_GENERATED_TOKENS
+from ..extras import require
 from .runner import UsageError, run_command
 
 EXAMPLE = (
@@ -141,6 +142,7 @@ def _validated(args: argparse.Namespace) -> dict | None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    require("eval", purpose="moelpr bench")  # lm-eval scores, sacrebleu's chrF intervals, matplotlib's chart
     task_map = _validated(args)
     logging.basicConfig(level=logging.INFO, format="[moelpr.bench] %(message)s")
     settings = BenchSettings(

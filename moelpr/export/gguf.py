@@ -29,6 +29,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from ..extras import require
 from .families import EXPORT_FAMILIES
 from .format import ExportError
 from .transformers_moe import ExportPlan, plan_export, write_export
@@ -121,13 +122,8 @@ def converter_dir() -> Path:
 
 
 def _quantize(source: Path, target: Path, outtype: str) -> None:
-    try:
-        import llama_cpp
-    except ImportError:
-        raise ExportError(
-            f"--outtype {outtype} needs llama.cpp's quantizer: pip install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} "
-            "(builds llama.cpp once; needs cmake and g++)"
-        ) from None
+    import llama_cpp  # write_gguf has checked that it is installed
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = K_QUANTS[outtype]
     params.nthread = os.cpu_count() or 1
@@ -164,6 +160,8 @@ def write_gguf(plan: ExportPlan, output_path: str | os.PathLike, outtype: str) -
         raise ExportError(f"--output_path {output_path} should be a .gguf file")
     if output_path.exists():
         raise ExportError(f"--output_path {output_path} exists; choose a new file")
+    if outtype in K_QUANTS:  # llama.cpp's quantizer, through its Python binding
+        require("gguf", "llama_cpp", purpose=f"--outtype {outtype}")
     _check_engine_version()
     converter = converter_dir()
 
