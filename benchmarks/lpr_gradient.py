@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from moelpr.models.moe import lpr_loss
+from moelpr.models.routing import lpr_loss
 
 SCALES = (0.1, 0.3, 1.0, 3.0)
 DRAWS = 5

@@ -28,7 +28,7 @@ from moelpr.corpora import (
     is_heldout,
 )
 from moelpr.corpora.cli import main as corpora_main
-from moelpr.models.moe import lpr_loss
+from moelpr.models.routing import lpr_loss
 from moelpr.upcycling.upcycle import main as upcycle_main
 from moelpr.upcycling.upcycle import router_rows, upcycle
 

@@ -13,7 +13,9 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from moelpr.llamafactory_plugin.model import setup_moelpr_tuning
 from moelpr.models import MOE_FAMILIES
 from moelpr.models.configuration import CT, LPR
-from moelpr.models.moe import MoELPRSparseBlock, route, run_experts, uses_grouped_experts
+from moelpr.models.expert_dispatch import run_experts, uses_grouped_experts
+from moelpr.models.moe import MoELPRSparseBlock
+from moelpr.models.routing import route
 
 VOCAB = 96
 # (method, stage): MoE-LPR's two stages and MoE-CT's one.
@@ -184,15 +186,15 @@ def test_auto_decodes_one_token_through_its_experts_even_where_it_would_group(mo
     """Where ``"auto"`` groups (CUDA in bf16), a single decoded token still calls its top-k experts directly: on an
     H200 that decoded at 0.74x the dense model's speed, the grouped path at 0.43x (benchmarks/README.md).
     ``"grouped"`` asked for by name still groups it."""
-    from moelpr.models import moe
+    from moelpr.models import expert_dispatch
 
     block = _llama_block("auto")
     token = torch.randn(1, 32)
     _, weights, selected = route(block.router(token), 2)
     grouped_calls = []
-    grouped_ffn = moe._grouped_ffn
-    monkeypatch.setattr(moe, "uses_grouped_experts", lambda implementation, experts, tokens: True)
-    monkeypatch.setattr(moe, "_grouped_ffn", lambda *args: grouped_calls.append(1) or grouped_ffn(*args))
+    grouped_ffn = expert_dispatch._grouped_ffn
+    monkeypatch.setattr(expert_dispatch, "uses_grouped_experts", lambda implementation, experts, tokens: True)
+    monkeypatch.setattr(expert_dispatch, "_grouped_ffn", lambda *args: grouped_calls.append(1) or grouped_ffn(*args))
     auto = run_experts(token, block.routed_experts(), weights, selected, run_idle=False, implementation="auto")
     assert not grouped_calls
     loop = run_experts(token, block.routed_experts(), weights, selected, run_idle=False, implementation="loop")
@@ -222,7 +224,7 @@ def test_unknown_experts_implementation_is_refused():
 def test_slot_gather_is_the_broadcast_then_permutation_it_replaces(dtype, top_k):
     """The dispatch's one gather against what autograd does with the k copies of every token, indexed: the same
     rows forward and, bit for bit, the same token gradient (a sum over each token's slots) backward."""
-    from moelpr.models.moe import _GatherSlots, _slot_order
+    from moelpr.models.expert_dispatch import _GatherSlots, _slot_order
 
     torch.manual_seed(top_k)
     tokens = torch.randn(37, 16, dtype=dtype, requires_grad=True)
@@ -245,7 +247,7 @@ def test_slot_gather_is_the_broadcast_then_permutation_it_replaces(dtype, top_k)
 def test_slot_sum_is_the_permutation_then_slot_sum_it_replaces(dtype, top_k):
     """The combine's gather-and-add against autograd's indexing and slicing of the same rows: the same outputs and,
     bit for bit, the same gradient of the expert-ordered rows (one gather instead of zero-filled slot gradients)."""
-    from moelpr.models.moe import _slot_order, _SumSlots
+    from moelpr.models.expert_dispatch import _slot_order, _SumSlots
 
     torch.manual_seed(top_k)
     probs = torch.rand(37, 5).softmax(dim=-1)
@@ -271,7 +273,7 @@ def test_cpu_loop_pads_bf16_expert_rows_to_repeating_counts_and_drops_the_paddin
     """On the CPU in bf16 each expert's rows are padded to a multiple of CPU_EXPERT_ROWS_MULTIPLE (so oneDNN reuses
     its kernels); the outputs and the gradients of the tokens, the router and the experts are the unpadded run's
     within bf16 rounding, and nothing of the padding reaches them. float32 (MKL) runs the rows as they are."""
-    from moelpr.models import moe
+    from moelpr.models import expert_dispatch
 
     torch.manual_seed(0)
     block = MoELPRSparseBlock(32, 4, 2, lambda: LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=48)))
@@ -283,7 +285,7 @@ def test_cpu_loop_pads_bf16_expert_rows_to_repeating_counts_and_drops_the_paddin
     hidden = torch.randn(2, 70, 32, dtype=dtype)  # 140 tokens x 2 slots: about 70 rows per expert
 
     def run(multiple: int) -> tuple[list[int], torch.Tensor, dict[str, torch.Tensor]]:
-        monkeypatch.setattr(moe, "CPU_EXPERT_ROWS_MULTIPLE", multiple)
+        monkeypatch.setattr(expert_dispatch, "CPU_EXPERT_ROWS_MULTIPLE", multiple)
         rows = []
         hooks = [e.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0])) for e in block.routed_experts()]
         block.zero_grad(set_to_none=True)

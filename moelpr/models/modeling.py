@@ -14,16 +14,16 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..checkpoints.slim import ComposedCheckpoint, is_slim_checkpoint
 from .configuration import CT
-from .moe import (
+from .moe import MoELPRSparseBlock
+from .moe_ct import MoECTBlock
+from .routing import (
     ROUTING_KWARG,
     LossScale,
-    MoELPRSparseBlock,
     RoutingContext,
     enter_decoder_layer,
     exit_decoder_layer,
     probe_loss_scale,
 )
-from .moe_ct import MoECTBlock
 
 IGNORE_INDEX = -100
 

@@ -10,13 +10,14 @@ MoE-LPR's (``moe.py``); only the LPR loss has no meaning here (the original FFN 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moe import ROUTER_NAME, RoutedExpertsBlock, as_floats, record_routing, upcycled_expert_tensors
+from .moe import ROUTER_NAME, RoutedExpertsBlock, upcycled_expert_tensors
+from .routing import record_routing
 
 # Parameter-name part of the fusion layer ``W_c`` (trainable in MoE-CT).
 FUSION_NAME = "fusion"
@@ -67,37 +68,4 @@ class MoECTBlock(RoutedExpertsBlock):
         return record_routing(output, router_logits, router_probs, selected, with_lpr=False, ffn_weight=fusion[:, 1])
 
 
-def fusion_stat_tensors(
-    ffn_weights: Sequence[torch.Tensor], token_mask: torch.Tensor | None = None, lang_mask: torch.Tensor | None = None
-) -> dict[str, torch.Tensor]:
-    """``fusion_stats`` as 0-dim tensors on the weights' device, without a host sync (see ``routing_stat_tensors``):
-    a group this batch has no token of is NaN."""
-    if not ffn_weights:
-        return {}
-    device = ffn_weights[0].device
-    valid = token_mask.reshape(-1).to(device, torch.float32) if token_mask is not None else None
-    groups = {"ffn_fusion_weight": valid}
-    if lang_mask is not None:
-        old = lang_mask.reshape(-1).to(device, torch.float32)
-        everything = valid if valid is not None else torch.ones_like(old)
-        groups["old_lang_ffn_fusion_weight"] = old * everything
-        groups["new_lang_ffn_fusion_weight"] = (1.0 - old) * everything
-    weights = [w.detach().float() for w in ffn_weights]
-    stats = {}
-    for key, mask in groups.items():
-        counted = mask.sum() if mask is not None else None
-        means = [w.mean() if mask is None else (w * mask).sum() / counted for w in weights]  # 0/0 = NaN
-        stats[key] = torch.stack(means).mean()
-    return stats
-
-
-def fusion_stats(
-    ffn_weights: Sequence[torch.Tensor], token_mask: torch.Tensor | None = None, lang_mask: torch.Tensor | None = None
-) -> dict[str, float]:
-    """MoE-CT's fusion summary averaged over MoE layers, for training logs: ``ffn_fusion_weight``, the mean weight
-    on the frozen FFN over non-padding tokens, and with a language mask ``old_lang_ffn_fusion_weight`` /
-    ``new_lang_ffn_fusion_weight`` over old- / new-language tokens (each absent when the batch has none)."""
-    return as_floats(fusion_stat_tensors(ffn_weights, token_mask, lang_mask))
-
-
-__all__ = ["FUSION_NAME", "MoECTBlock", "fusion_stat_tensors", "fusion_stats"]
+__all__ = ["FUSION_NAME", "MoECTBlock"]
