@@ -100,9 +100,7 @@ def test_router_losses_match_an_independent_reference(llama_moe):
     valid = batch["attention_mask"].reshape(-1).bool()
     old = batch["lang_mask"].reshape(-1).bool() & valid
     assert len(out.router_logits) == 4
-    balance = torch.stack(
-        [_reference_balance(F.softmax(lg.float(), -1), 2, valid) for lg in out.router_logits]
-    ).mean()
+    balance = torch.stack([_reference_balance(F.softmax(lg.float(), -1), 2, valid) for lg in out.router_logits]).mean()
     lpr = torch.stack([_reference_lpr(lg.float(), old) for lg in out.router_logits]).mean()
     lm = F.cross_entropy(
         out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
@@ -284,7 +282,8 @@ def test_plain_forward_does_no_routing_bookkeeping(llama_moe):
 
     seen = []
     handles = [
-        block.register_forward_hook(lambda *_: seen.append(current_routing_context())) for block in llama_moe.moe_blocks()
+        block.register_forward_hook(lambda *_: seen.append(current_routing_context()))
+        for block in llama_moe.moe_blocks()
     ]
     try:
         batch = _batch(llama_moe.config.vocab_size)

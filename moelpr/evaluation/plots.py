@@ -13,8 +13,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
-def _annotated_heatmap(fig, ax, values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], title: str,
-                       value_range: tuple[float, float], digits: int) -> None:
+def _annotated_heatmap(
+    fig,
+    ax,
+    values: np.ndarray,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str,
+    value_range: tuple[float, float],
+    digits: int,
+) -> None:
     low, high = value_range
     image = ax.imshow(values, cmap="viridis", vmin=low, vmax=high, aspect="auto")
     ax.set_xticks(range(len(col_labels)), labels=col_labels, fontsize=8)
@@ -24,8 +32,15 @@ def _annotated_heatmap(fig, ax, values: np.ndarray, row_labels: Sequence[str], c
     middle = (low + high) / 2
     for (row, col), value in np.ndenumerate(values):
         # Dark text on the bright end of viridis, light text on the dark end.
-        ax.text(col, row, f"{value:.{digits}f}", ha="center", va="center", fontsize=7,
-                color="black" if value > middle else "white")
+        ax.text(
+            col,
+            row,
+            f"{value:.{digits}f}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="black" if value > middle else "white",
+        )
     fig.colorbar(image, ax=ax, shrink=0.8)
 
 
@@ -35,7 +50,9 @@ def _padded(per_layer: Sequence[Sequence[float]]) -> np.ndarray:
     return np.array([list(values) + [0.0] * (width - len(values)) for values in per_layer])
 
 
-def routing_heatmap(routing: Mapping[str, Mapping], languages: Sequence[str], old_languages: set[str], path: Path) -> None:
+def routing_heatmap(
+    routing: Mapping[str, Mapping], languages: Sequence[str], old_languages: set[str], path: Path
+) -> None:
     """One column per MoE model. Top: how much each MoE layer uses the original FFN, per language, on a fixed 0-1
     scale so models compare at a glance: for MoE-LPR the share of tokens whose top-1 expert is expert 0 (the
     original FFN), for MoE-CT the mean fusion weight on the frozen FFN. Bottom: each expert's router probability
@@ -51,23 +68,50 @@ def routing_heatmap(routing: Mapping[str, Mapping], languages: Sequence[str], ol
     }
     prob_range = (min(p.min() for p in probs.values()), max(p.max() for p in probs.values()))
     fig, axes = plt.subplots(
-        2, len(models), squeeze=False, layout="constrained",
+        2,
+        len(models),
+        squeeze=False,
+        layout="constrained",
         figsize=(max(5.0, 1.0 * len(languages) + 2.5) * len(models), 0.28 * num_layers + 0.5 * len(languages) + 3),
         gridspec_kw={"height_ratios": [max(num_layers, 2), len(languages) + 1]},
     )
     for col, model in enumerate(models):
         report = routing[model]
         ct = report.get("method") == "ct"
-        key, what = ("ffn_fusion_weight", "mean fusion weight on the frozen FFN") if ct else (
-            "expert0_top1_share", "share of tokens whose top-1 expert is expert 0")
-        values = np.array([[report["languages"][lang][key][i] for lang in languages] for i in range(len(report["layers"]))])
-        _annotated_heatmap(fig, axes[0, col], values, [f"layer {i}" for i in report["layers"]], labels,
-                           f"{model} ({'MoE-CT' if ct else 'MoE-LPR'})\n{what}", (0.0, 1.0), 2)
+        key, what = (
+            ("ffn_fusion_weight", "mean fusion weight on the frozen FFN")
+            if ct
+            else ("expert0_top1_share", "share of tokens whose top-1 expert is expert 0")
+        )
+        values = np.array(
+            [[report["languages"][lang][key][i] for lang in languages] for i in range(len(report["layers"]))]
+        )
+        _annotated_heatmap(
+            fig,
+            axes[0, col],
+            values,
+            [f"layer {i}" for i in report["layers"]],
+            labels,
+            f"{model} ({'MoE-CT' if ct else 'MoE-LPR'})\n{what}",
+            (0.0, 1.0),
+            2,
+        )
         experts = [f"{'routed' if ct else 'expert'} {e}" for e in range(probs[model].shape[1])]
-        _annotated_heatmap(fig, axes[1, col], probs[model], labels, experts,
-                           f"{model}\nmean router probability (over tokens and layers)", prob_range, 3)
-    fig.suptitle("Use of the original FFN on held-out text (MoE-LPR: expert 0 of the router; MoE-CT: the frozen FFN "
-                 "beside the routed experts)", fontsize=10)
+        _annotated_heatmap(
+            fig,
+            axes[1, col],
+            probs[model],
+            labels,
+            experts,
+            f"{model}\nmean router probability (over tokens and layers)",
+            prob_range,
+            3,
+        )
+    fig.suptitle(
+        "Use of the original FFN on held-out text (MoE-LPR: expert 0 of the router; MoE-CT: the frozen FFN "
+        "beside the routed experts)",
+        fontsize=10,
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

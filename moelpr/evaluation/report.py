@@ -106,7 +106,9 @@ def routing_report(config: Any, per_language: Mapping[str, LanguageResult], old_
     }
 
 
-def _perplexity_markdown(results: Mapping[str, Mapping], languages: Sequence[str], old: set[str], settings: Mapping) -> str:
+def _perplexity_markdown(
+    results: Mapping[str, Mapping], languages: Sequence[str], old: set[str], settings: Mapping
+) -> str:
     header = [f"{lang} ({'old' if lang in old else 'new'})" for lang in languages]
     level = round(100 * settings["bootstrap"]["level"])
     lines = [
@@ -126,11 +128,18 @@ def _perplexity_markdown(results: Mapping[str, Mapping], languages: Sequence[str
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     baseline = next(iter(results))
     if len(results) > 1:
-        paired = [report["languages"][lang]["change_vs_baseline"]["paired"]
-                  for report in list(results.values())[1:] for lang in languages]
-        how = ("paired over the same documents" if all(paired) else
-               "models resampled independently: they saw different documents" if not any(paired) else
-               "paired over the same documents, except the cells marked `(unpaired)`: different documents")
+        paired = [
+            report["languages"][lang]["change_vs_baseline"]["paired"]
+            for report in list(results.values())[1:]
+            for lang in languages
+        ]
+        how = (
+            "paired over the same documents"
+            if all(paired)
+            else "models resampled independently: they saw different documents"
+            if not any(paired)
+            else "paired over the same documents, except the cells marked `(unpaired)`: different documents"
+        )
         lines += [
             "",
             f"Change relative to `{baseline}` [{level}% interval, {how}]; `*` where the interval excludes 0:",
@@ -200,7 +209,13 @@ def evaluate(
             lang_start = time.perf_counter()
             per_language[lang] = evaluate_language(model, blocks, batch_size, moe, f"{name} / {lang}", owners)
             compute_seconds += time.perf_counter() - lang_start
-            logger.info("%s / %s: perplexity %.2f over %d tokens", name, lang, per_language[lang].perplexity, per_language[lang].predicted_tokens)
+            logger.info(
+                "%s / %s: perplexity %.2f over %d tokens",
+                name,
+                lang,
+                per_language[lang].perplexity,
+                per_language[lang].predicted_tokens,
+            )
         results[name] = {
             "path": str(path),
             "kind": "moe" if moe else "dense",
@@ -227,7 +242,11 @@ def evaluate(
         del model
 
     _with_intervals(results, languages)
-    report = {"settings": settings, "languages": {lang: "old" if lang in old_languages else "new" for lang in languages}, "models": results}
+    report = {
+        "settings": settings,
+        "languages": {lang: "old" if lang in old_languages else "new" for lang in languages},
+        "models": results,
+    }
     (output_dir / "perplexity.json").write_text(json.dumps(report, indent=2) + "\n")
     (output_dir / "perplexity.md").write_text(_perplexity_markdown(results, languages, old_languages, settings))
     if routing:
