@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # files only; no display on a server or in CI
 import matplotlib.pyplot as plt
 import numpy as np
 
+from ..models.statistics import EXPERT0_TOP1_SHARE_KEY, FFN_FUSION_WEIGHT_KEY, MEAN_ROUTER_PROB_KEY
+
 
 def _annotated_heatmap(
     fig,
@@ -63,7 +65,9 @@ def routing_heatmap(
     num_layers = max(len(routing[m]["layers"]) for m in models)
     labels = [f"{lang}\n({'old' if lang in old_languages else 'new'})" for lang in languages]
     probs = {
-        m: np.array([np.mean(_padded(routing[m]["languages"][lang]["mean_router_prob"]), axis=0) for lang in languages])
+        m: np.array(
+            [np.mean(_padded(routing[m]["languages"][lang][MEAN_ROUTER_PROB_KEY]), axis=0) for lang in languages]
+        )
         for m in models
     }
     prob_range = (min(p.min() for p in probs.values()), max(p.max() for p in probs.values()))
@@ -79,9 +83,9 @@ def routing_heatmap(
         report = routing[model]
         ct = report.get("method") == "ct"
         key, what = (
-            ("ffn_fusion_weight", "mean fusion weight on the frozen FFN")
+            (FFN_FUSION_WEIGHT_KEY, "mean fusion weight on the frozen FFN")
             if ct
-            else ("expert0_top1_share", "share of tokens whose top-1 expert is expert 0")
+            else (EXPERT0_TOP1_SHARE_KEY, "share of tokens whose top-1 expert is expert 0")
         )
         values = np.array(
             [[report["languages"][lang][key][i] for lang in languages] for i in range(len(report["layers"]))]

@@ -13,6 +13,7 @@ import torch
 
 from ..jsonl_texts import iter_jsonl_texts
 from ..models.configuration import CT, LPR
+from ..models.statistics import EXPERT0_TOP1_SHARE_KEY, FFN_FUSION_WEIGHT_KEY, MEAN_ROUTER_PROB_KEY, TOP1_SHARE_KEY
 from ..tokenization import restore_add_bos_token
 from .intervals import DEFAULT_LEVEL, DEFAULT_SAMPLES, change_interval, document_units, perplexity_interval
 from .perplexity import SPREAD_DOCUMENTS, LanguageResult, evaluate_language, packed_blocks
@@ -92,10 +93,10 @@ def routing_report(config: Any, per_language: Mapping[str, LanguageResult], old_
         totals = result.routing
         entry = {"role": "old" if lang in old_languages else "new", "tokens": totals.tokens}
         if method == CT:
-            entry["ffn_fusion_weight"] = totals.ffn_fusion_weight()
+            entry[FFN_FUSION_WEIGHT_KEY] = totals.ffn_fusion_weight()
         else:
-            entry["expert0_top1_share"] = totals.expert0_top1_share()
-        entry.update(top1_share=totals.top1_share(), mean_router_prob=totals.mean_router_prob())
+            entry[EXPERT0_TOP1_SHARE_KEY] = totals.expert0_top1_share()
+        entry.update({TOP1_SHARE_KEY: totals.top1_share(), MEAN_ROUTER_PROB_KEY: totals.mean_router_prob()})
         languages[lang] = entry
     return {
         "method": method,

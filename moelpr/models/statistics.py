@@ -1,5 +1,6 @@
 """Routing statistics for the training logs: each expert's share of the routing slots, MoE-LPR's use of expert 0
-on old-language tokens and MoE-CT's fusion weight on the frozen FFN."""
+on old-language tokens and MoE-CT's fusion weight on the frozen FFN; and the one declaration of the names they are
+logged and reported under, which the trainer, the web UI and the reports import (tests/test_log_keys.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,38 @@ import math
 from collections.abc import Sequence
 
 import torch
+
+# Training-log keys: trainer_state.json, trainer_log.jsonl, LlamaBoard's log and the loss plots (training_<key>.png).
+LM_LOSS_KEY = "lm_loss"
+AUX_LOSS_KEY = "aux_loss"  # the load-balancing loss
+LPR_LOSS_KEY = "lpr_loss"
+LOSS_KEYS = (LM_LOSS_KEY, AUX_LOSS_KEY, LPR_LOSS_KEY)
+EXPERT_SHARE_PREFIX = "expert_share_"  # followed by the expert's index (expert_share_key)
+OLD_LANG_EXPERT0_TOP1_SHARE_KEY = "old_lang_expert0_top1_share"
+FFN_FUSION_WEIGHT_KEY = "ffn_fusion_weight"  # also routing.json's, per layer
+OLD_LANG_FFN_FUSION_WEIGHT_KEY = "old_lang_ffn_fusion_weight"
+NEW_LANG_FFN_FUSION_WEIGHT_KEY = "new_lang_ffn_fusion_weight"
+FUSION_KEYS = (FFN_FUSION_WEIGHT_KEY, OLD_LANG_FFN_FUSION_WEIGHT_KEY, NEW_LANG_FFN_FUSION_WEIGHT_KEY)
+
+# The evaluation's routing.json, per language and MoE layer (beside FFN_FUSION_WEIGHT_KEY for MoE-CT).
+EXPERT0_TOP1_SHARE_KEY = "expert0_top1_share"
+TOP1_SHARE_KEY = "top1_share"
+MEAN_ROUTER_PROB_KEY = "mean_router_prob"
+
+
+def expert_share_key(expert: int) -> str:
+    return f"{EXPERT_SHARE_PREFIX}{expert}"
+
+
+def training_log_keys(num_experts: int) -> list[str]:
+    """Every key a training run of a model with up to ``num_experts`` experts per layer may log."""
+    shares = [expert_share_key(i) for i in range(num_experts)]
+    return [*LOSS_KEYS, *shares, OLD_LANG_EXPERT0_TOP1_SHARE_KEY, *FUSION_KEYS]
+
+
+def is_routing_log_key(key: str) -> bool:
+    """Whether a training-log key is one of these (the others are the trainer's own: loss, learning rate...)."""
+    return key.startswith(EXPERT_SHARE_PREFIX) or key in (*LOSS_KEYS, OLD_LANG_EXPERT0_TOP1_SHARE_KEY, *FUSION_KEYS)
 
 
 def routing_stat_tensors(
@@ -42,9 +75,9 @@ def routing_stat_tensors(
         if old is not None:
             expert0_shares.append(((logits.argmax(dim=-1) == 0).float() * old).sum() / old_counted)  # 0/0 = NaN
     shares = shares / slots_counted
-    stats = {f"expert_share_{i}": shares[i] / len(router_logits) for i in range(num_experts)}
+    stats = {expert_share_key(i): shares[i] / len(router_logits) for i in range(num_experts)}
     if expert0_shares:
-        stats["old_lang_expert0_top1_share"] = torch.stack(expert0_shares).mean()
+        stats[OLD_LANG_EXPERT0_TOP1_SHARE_KEY] = torch.stack(expert0_shares).mean()
     return stats
 
 
@@ -78,12 +111,12 @@ def fusion_stat_tensors(
         return {}
     device = ffn_weights[0].device
     valid = token_mask.reshape(-1).to(device, torch.float32) if token_mask is not None else None
-    groups = {"ffn_fusion_weight": valid}
+    groups = {FFN_FUSION_WEIGHT_KEY: valid}
     if lang_mask is not None:
         old = lang_mask.reshape(-1).to(device, torch.float32)
         everything = valid if valid is not None else torch.ones_like(old)
-        groups["old_lang_ffn_fusion_weight"] = old * everything
-        groups["new_lang_ffn_fusion_weight"] = (1.0 - old) * everything
+        groups[OLD_LANG_FFN_FUSION_WEIGHT_KEY] = old * everything
+        groups[NEW_LANG_FFN_FUSION_WEIGHT_KEY] = (1.0 - old) * everything
     weights = [w.detach().float() for w in ffn_weights]
     stats = {}
     for key, mask in groups.items():
