@@ -57,7 +57,8 @@ def test_upcycled_moect_model_computes_the_dense_function(
     expected_layers = moe_layers or [0, 1, 2, 3]
     assert [isinstance(layer.mlp, MoECTBlock) for layer in moe.model.layers] == [i in expected_layers for i in range(4)]
     block = moe.model.layers[expected_layers[0]].mlp
-    assert (len(block.new_experts), block.router.out_features, block.top_k) == (num_experts, num_experts, top_k)
+    assert (len(block.new_experts), block.router.out_features) == (num_experts, num_experts)
+    assert block.config.num_experts_per_tok == top_k
     batch = _batch(dense.config.vocab_size)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():

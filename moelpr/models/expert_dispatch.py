@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .configuration import check_experts_implementation
+
 
 def _autocast_on(device: torch.device) -> bool:
     return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
@@ -135,12 +137,13 @@ def run_experts(
     """``sum_slots weight * expert(token)`` for every token, a token's slots added in expert order.
 
     ``implementation`` (the config's ``moe_experts_implementation``, see ``configuration.EXPERTS_IMPLEMENTATIONS``):
-    grouped, all experts in one grouped GEMM per
-    projection with the group offsets computed on the device (no host sync); or the loop, experts fed their
-    tokens in one batch each after a host sync for the counts. ``run_idle`` (loop only; the grouped path always
+    grouped, all experts in one grouped GEMM per projection with the group offsets computed on the device (no host
+    sync); or the loop, experts fed their tokens in one batch each after a host sync for the counts. ``run_idle`` (loop only; the grouped path always
     involves every expert) also runs experts that got no token: under DDP each trainable expert must take part
     in every step on every rank, or the gradient all-reduce waits for it.
     """
+    # The config checks the value it is built with; this one may have been set on it since.
+    check_experts_implementation(implementation)
     top_k = selected.shape[-1]
     if tokens.shape[0] == 1 and not run_idle and implementation != "grouped":
         # Decoding one sequence: call the token's experts directly (no sort, gather or scatter, which cost as
