@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from moelpr.models.moe import lpr_loss
+from moelpr.models.routing import lpr_loss
 
 SCALES = (0.1, 0.3, 1.0, 3.0)
 DRAWS = 5
@@ -54,11 +54,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     args = parser.parse_args()
     print(f"N = {args.num_experts} experts, hidden {args.hidden}, {args.tokens} old-language tokens, mean of {DRAWS}")
-    print("| logit std | LPR loss, paper | LPR loss, authors | grad norm, paper | grad norm, authors | paper / authors |")
+    print(
+        "| logit std | LPR loss, paper | LPR loss, authors | grad norm, paper | grad norm, authors | paper / authors |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     for row in measure(args.num_experts, args.hidden, args.tokens):
-        print(f"| {row['scale']:g} | {row['paper_loss']:.3f} | {row['authors_loss']:.3f} | {row['paper_grad']:.4f} "
-              f"| {row['authors_grad']:.4f} | {row['ratio']:.1f}x |")
+        print(
+            f"| {row['scale']:g} | {row['paper_loss']:.3f} | {row['authors_loss']:.3f} | {row['paper_grad']:.4f} "
+            f"| {row['authors_grad']:.4f} | {row['ratio']:.1f}x |"
+        )
 
 
 if __name__ == "__main__":

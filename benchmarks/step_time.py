@@ -86,8 +86,7 @@ class Run:
             if train:
                 names.add(name)
         if self.implementation is not None:
-            for block in self.model.moe_blocks():
-                block.experts_implementation = self.implementation
+            self.model.config.moe_experts_implementation = self.implementation
         return names
 
 

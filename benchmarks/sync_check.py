@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import moelpr  # noqa: F401  (registers the MoE model types)
-from moelpr.models import moe
+from moelpr.models import routing
 
 
 def block_inputs(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
@@ -36,24 +36,24 @@ def block_inputs(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
 
 def assert_block_syncs_nothing(block: torch.nn.Module, hidden: torch.Tensor, token_mask: torch.Tensor) -> None:
     """Forward (with the router losses of a training step) and backward of ``block`` under sync debug mode "error"."""
-    context = moe.RoutingContext(
+    context = routing.RoutingContext(
         token_mask=token_mask,
         lang_mask=token_mask.clone(),
         compute_losses=True,
         loss_weights=(0.01, 0.01),
-        loss_scale=moe.LossScale(),
+        loss_scale=routing.LossScale(),
     )
     hidden = hidden.clone().requires_grad_(True)
     grad = torch.randn_like(hidden)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        moe._current.context = context
+        routing._current.context = context
         output = block(hidden)
-        moe._current.context = None
+        routing._current.context = None
         output.backward(grad)
     finally:
-        moe._current.context = None
+        routing._current.context = None
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
 

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import moelpr.llamafactory_plugin as plugin
 from moelpr.cli.upcycle import main as upcycle_main
-from moelpr.models.moe import lpr_loss
+from moelpr.models.routing import lpr_loss
 from moelpr.upcycling.settings import UpcycleSettings
 from moelpr.upcycling.upcycle import router_rows, upcycle
 from moelpr_lab.corpora import (

@@ -7,13 +7,14 @@ import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from tiny_models import FAMILY_FIELDS
-from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from moelpr.llamafactory_plugin.model import setup_moelpr_tuning
-from moelpr.models import MOE_FAMILIES
+from moelpr.models import MOE_FAMILIES, LlamaMoELPRConfig
 from moelpr.models.configuration import CT, LPR
-from moelpr.models.moe import MoELPRSparseBlock, route, run_experts, uses_grouped_experts
+from moelpr.models.expert_dispatch import run_experts, uses_grouped_experts
+from moelpr.models.moe import MoELPRSparseBlock
+from moelpr.models.routing import route
 
 VOCAB = 96
 # (method, stage): MoE-LPR's two stages and MoE-CT's one.
@@ -75,7 +76,8 @@ def _step(model, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Ten
 def _uses_grouped(model, batch) -> list[bool]:
     tokens = torch.zeros(batch["input_ids"].numel(), model.config.hidden_size, dtype=model.dtype)
     experts = [b.routed_experts() for b in model.moe_blocks()]
-    return [uses_grouped_experts(b.experts_implementation, e, tokens) for b, e in zip(model.moe_blocks(), experts)]
+    implementation = model.config.moe_experts_implementation
+    return [uses_grouped_experts(implementation, e, tokens) for e in experts]
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -137,10 +139,21 @@ def test_grouped_bf16_is_within_bf16_rounding_of_the_loop(family, method):
         assert grouped_error <= 2 * loop_error + 2e-3, (name, grouped_error, loop_error)
 
 
+def _llama_config(implementation: str = "auto", top_k: int = 2, **config_fields) -> LlamaMoELPRConfig:
+    return LlamaMoELPRConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_experts=4,
+        num_experts_per_tok=top_k,
+        moe_experts_implementation=implementation,
+        **config_fields,
+    )
+
+
 def _llama_block(implementation: str, top_k: int = 2, **config_fields) -> MoELPRSparseBlock:
-    config = LlamaConfig(hidden_size=32, intermediate_size=48, **config_fields)
+    config = _llama_config(implementation, top_k, **config_fields)
     torch.manual_seed(0)
-    block = MoELPRSparseBlock(32, 4, top_k, lambda: LlamaMLP(config), implementation)
+    block = MoELPRSparseBlock(config, 4, lambda: LlamaMLP(config))
     with torch.no_grad():
         block.router.weight.normal_(std=1.0)
     return block
@@ -184,15 +197,15 @@ def test_auto_decodes_one_token_through_its_experts_even_where_it_would_group(mo
     """Where ``"auto"`` groups (CUDA in bf16), a single decoded token still calls its top-k experts directly: on an
     H200 that decoded at 0.74x the dense model's speed, the grouped path at 0.43x (benchmarks/README.md).
     ``"grouped"`` asked for by name still groups it."""
-    from moelpr.models import moe
+    from moelpr.models import expert_dispatch
 
     block = _llama_block("auto")
     token = torch.randn(1, 32)
     _, weights, selected = route(block.router(token), 2)
     grouped_calls = []
-    grouped_ffn = moe._grouped_ffn
-    monkeypatch.setattr(moe, "uses_grouped_experts", lambda implementation, experts, tokens: True)
-    monkeypatch.setattr(moe, "_grouped_ffn", lambda *args: grouped_calls.append(1) or grouped_ffn(*args))
+    grouped_ffn = expert_dispatch._grouped_ffn
+    monkeypatch.setattr(expert_dispatch, "uses_grouped_experts", lambda implementation, experts, tokens: True)
+    monkeypatch.setattr(expert_dispatch, "_grouped_ffn", lambda *args: grouped_calls.append(1) or grouped_ffn(*args))
     auto = run_experts(token, block.routed_experts(), weights, selected, run_idle=False, implementation="auto")
     assert not grouped_calls
     loop = run_experts(token, block.routed_experts(), weights, selected, run_idle=False, implementation="loop")
@@ -205,10 +218,32 @@ def test_experts_that_cannot_be_grouped_run_the_loop_on_auto_and_refuse_grouped(
     tokens = torch.randn(5, 32)
     with_bias = _llama_block("auto", mlp_bias=True)
     assert not uses_grouped_experts("auto", with_bias.routed_experts(), tokens)
-    assert not uses_grouped_experts("auto", _llama_block("auto").routed_experts(), tokens)  # CPU: the loop is faster there
+    # On the CPU the loop is faster.
+    assert not uses_grouped_experts("auto", _llama_block("auto").routed_experts(), tokens)
     assert uses_grouped_experts("grouped", _llama_block("auto").routed_experts(), tokens)
     with pytest.raises(ValueError, match="moe_experts_implementation='grouped' needs bias-free"):
         uses_grouped_experts("grouped", with_bias.routed_experts(), tokens)
+
+
+def test_the_experts_implementation_set_on_a_built_model_takes_effect(monkeypatch):
+    """The blocks read ``moe_experts_implementation`` from the model's config at every forward, so setting it on a
+    built model switches every MoE layer (benchmarks/step_time.py shares one model between implementations), and a
+    value the config would have refused is refused at the next forward."""
+    from moelpr.models import expert_dispatch
+
+    grouped_calls = []
+    grouped_ffn = expert_dispatch._grouped_ffn
+    monkeypatch.setattr(expert_dispatch, "_grouped_ffn", lambda *args: grouped_calls.append(1) or grouped_ffn(*args))
+    model, batch = _model("llama", LPR, 2, "loop"), _batch()
+    loop_logits, _, _ = _step(model, batch)
+    assert grouped_calls == []
+    model.config.moe_experts_implementation = "grouped"
+    grouped_logits, _, _ = _step(model, batch)
+    assert len(grouped_calls) == 2  # one per MoE layer
+    torch.testing.assert_close(grouped_logits, loop_logits, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="moe_experts_implementation must be one of"):
+        model.config.moe_experts_implementation = "fast"
+        model(**batch)
 
 
 def test_unknown_experts_implementation_is_refused():
@@ -222,7 +257,7 @@ def test_unknown_experts_implementation_is_refused():
 def test_slot_gather_is_the_broadcast_then_permutation_it_replaces(dtype, top_k):
     """The dispatch's one gather against what autograd does with the k copies of every token, indexed: the same
     rows forward and, bit for bit, the same token gradient (a sum over each token's slots) backward."""
-    from moelpr.models.moe import _GatherSlots, _slot_order
+    from moelpr.models.expert_dispatch import _GatherSlots, _slot_order
 
     torch.manual_seed(top_k)
     tokens = torch.randn(37, 16, dtype=dtype, requires_grad=True)
@@ -245,7 +280,7 @@ def test_slot_gather_is_the_broadcast_then_permutation_it_replaces(dtype, top_k)
 def test_slot_sum_is_the_permutation_then_slot_sum_it_replaces(dtype, top_k):
     """The combine's gather-and-add against autograd's indexing and slicing of the same rows: the same outputs and,
     bit for bit, the same gradient of the expert-ordered rows (one gather instead of zero-filled slot gradients)."""
-    from moelpr.models.moe import _slot_order, _SumSlots
+    from moelpr.models.expert_dispatch import _slot_order, _SumSlots
 
     torch.manual_seed(top_k)
     probs = torch.rand(37, 5).softmax(dim=-1)
@@ -271,10 +306,11 @@ def test_cpu_loop_pads_bf16_expert_rows_to_repeating_counts_and_drops_the_paddin
     """On the CPU in bf16 each expert's rows are padded to a multiple of CPU_EXPERT_ROWS_MULTIPLE (so oneDNN reuses
     its kernels); the outputs and the gradients of the tokens, the router and the experts are the unpadded run's
     within bf16 rounding, and nothing of the padding reaches them. float32 (MKL) runs the rows as they are."""
-    from moelpr.models import moe
+    from moelpr.models import expert_dispatch
 
     torch.manual_seed(0)
-    block = MoELPRSparseBlock(32, 4, 2, lambda: LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=48)))
+    config = _llama_config()
+    block = MoELPRSparseBlock(config, 4, lambda: LlamaMLP(config))
     block = block.to(dtype).train()
     with torch.no_grad():
         for expert in block.new_experts:
@@ -283,7 +319,7 @@ def test_cpu_loop_pads_bf16_expert_rows_to_repeating_counts_and_drops_the_paddin
     hidden = torch.randn(2, 70, 32, dtype=dtype)  # 140 tokens x 2 slots: about 70 rows per expert
 
     def run(multiple: int) -> tuple[list[int], torch.Tensor, dict[str, torch.Tensor]]:
-        monkeypatch.setattr(moe, "CPU_EXPERT_ROWS_MULTIPLE", multiple)
+        monkeypatch.setattr(expert_dispatch, "CPU_EXPERT_ROWS_MULTIPLE", multiple)
         rows = []
         hooks = [e.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0])) for e in block.routed_experts()]
         block.zero_grad(set_to_none=True)

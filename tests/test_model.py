@@ -102,9 +102,7 @@ def test_router_losses_match_an_independent_reference(llama_moe):
     valid = batch["attention_mask"].reshape(-1).bool()
     old = batch["lang_mask"].reshape(-1).bool() & valid
     assert len(out.router_logits) == 4
-    balance = torch.stack(
-        [_reference_balance(F.softmax(lg.float(), -1), 2, valid) for lg in out.router_logits]
-    ).mean()
+    balance = torch.stack([_reference_balance(F.softmax(lg.float(), -1), 2, valid) for lg in out.router_logits]).mean()
     lpr = torch.stack([_reference_lpr(lg.float(), old) for lg in out.router_logits]).mean()
     lm = F.cross_entropy(
         out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
@@ -118,7 +116,7 @@ def test_router_losses_match_an_independent_reference(llama_moe):
 
 def test_balance_loss_has_the_authors_scale(llama_moe):
     """Mixtral's scale, the authors': top-k at even routing and with an all-zero router, whatever N."""
-    from moelpr.models.moe import load_balancing_loss, route
+    from moelpr.models.routing import load_balancing_loss, route
 
     for num_experts, top_k in ((4, 2), (4, 1), (8, 2)):
         logits = torch.zeros(6, num_experts)
@@ -282,11 +280,12 @@ def test_top1_routing_keeps_the_dense_function_and_lets_the_lm_loss_teach_the_ro
 def test_plain_forward_does_no_routing_bookkeeping(llama_moe):
     """Without labels and without a request for router logits, the blocks see no routing context (no losses,
     no records, no device syncs for them)."""
-    from moelpr.models.moe import current_routing_context
+    from moelpr.models.routing import current_routing_context
 
     seen = []
     handles = [
-        block.register_forward_hook(lambda *_: seen.append(current_routing_context())) for block in llama_moe.moe_blocks()
+        block.register_forward_hook(lambda *_: seen.append(current_routing_context()))
+        for block in llama_moe.moe_blocks()
     ]
     try:
         batch = _batch(llama_moe.config.vocab_size)
@@ -329,7 +328,8 @@ def test_concurrent_forwards_get_what_each_gets_alone(llama_moe):
 
 def test_single_token_path_adds_like_the_batched_path(llama_moe):
     """Decoding one token skips the sort/gather/scatter; its sum must be the batched path's, bit for bit."""
-    from moelpr.models.moe import route, run_experts
+    from moelpr.models.expert_dispatch import run_experts
+    from moelpr.models.routing import route
 
     block = llama_moe.moe_blocks()[0]
     with torch.no_grad():

@@ -59,7 +59,8 @@ def test_upcycled_moect_model_computes_the_dense_function(
     expected_layers = moe_layers or [0, 1, 2, 3]
     assert [isinstance(layer.mlp, MoECTBlock) for layer in moe.model.layers] == [i in expected_layers for i in range(4)]
     block = moe.model.layers[expected_layers[0]].mlp
-    assert (len(block.new_experts), block.router.out_features, block.top_k) == (num_experts, num_experts, top_k)
+    assert (len(block.new_experts), block.router.out_features) == (num_experts, num_experts)
+    assert block.config.num_experts_per_tok == top_k
     batch = _batch(dense.config.vocab_size)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
@@ -95,8 +96,10 @@ def test_fusion_weights_are_reported_per_layer_and_token(moect):
     _perturb(moect)
     batch = _batch(moect.config.vocab_size)
     seen = []
-    handles = [b.register_forward_pre_hook(lambda mod, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
-               for b in moect.moe_blocks()]
+    handles = [
+        b.register_forward_pre_hook(lambda mod, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+        for b in moect.moe_blocks()
+    ]
     try:
         with torch.no_grad():
             out = moect(input_ids=batch["input_ids"], output_router_logits=True)
@@ -136,8 +139,11 @@ def _grads(model, batch, trainable: tuple[str, ...], gradient_checkpointing: str
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("trainable", [("router", "fusion"), ("router", "fusion", "new_experts", "embed_tokens")],
-                         ids=["router_and_fusion", "with_experts_and_embeddings"])
+@pytest.mark.parametrize(
+    "trainable",
+    [("router", "fusion"), ("router", "fusion", "new_experts", "embed_tokens")],
+    ids=["router_and_fusion", "with_experts_and_embeddings"],
+)
 @pytest.mark.parametrize("gradient_checkpointing", [None, "reentrant", "non_reentrant"])
 def test_gradients_reach_the_router_and_the_fusion_layer(moect_llama_dir, trainable, gradient_checkpointing):
     model = AutoModelForCausalLM.from_pretrained(moect_llama_dir, router_aux_loss_coef=0.5)
@@ -182,7 +188,9 @@ def test_config_refuses_the_lpr_loss_and_unknown_methods(moect_llama_dir):
 def test_generation_with_kv_cache_matches_generation_without(moect):
     prompt = _batch(moect.config.vocab_size)["input_ids"][1:2, :5]
     kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": moect.config.pad_token_id}
-    assert torch.equal(moect.generate(prompt, use_cache=True, **kwargs), moect.generate(prompt, use_cache=False, **kwargs))
+    assert torch.equal(
+        moect.generate(prompt, use_cache=True, **kwargs), moect.generate(prompt, use_cache=False, **kwargs)
+    )
 
 
 def test_fusion_stats_average_over_layers_and_languages():

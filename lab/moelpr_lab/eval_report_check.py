@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from moelpr.models.statistics import EXPERT0_TOP1_SHARE_KEY, FFN_FUSION_WEIGHT_KEY, MEAN_ROUTER_PROB_KEY, TOP1_SHARE_KEY
+
 
 def _csv(value: str) -> list[str]:
     return [item for item in (part.strip() for part in value.split(",")) if item]
@@ -86,11 +88,11 @@ def check_report(report_dir: Path, models: Sequence[str] = (), languages: Sequen
                 problems.append(f"routing.json has no entry for MoE model {name}")
                 continue
             # How much each layer uses the original FFN: MoE-LPR's expert-0 share, MoE-CT's fusion weight.
-            ffn_key = "ffn_fusion_weight" if entry.get("method") == "ct" else "expert0_top1_share"
+            ffn_key = FFN_FUSION_WEIGHT_KEY if entry.get("method") == "ct" else EXPERT0_TOP1_SHARE_KEY
             for lang in report_languages:
                 stats = entry["languages"].get(lang, {})
-                ffn_use, probs = stats.get(ffn_key, []), stats.get("mean_router_prob", [])
-                top1 = stats.get("top1_share", [])
+                ffn_use, probs = stats.get(ffn_key, []), stats.get(MEAN_ROUTER_PROB_KEY, [])
+                top1 = stats.get(TOP1_SHARE_KEY, [])
                 if not len(ffn_use) == len(probs) == len(top1) == len(entry["layers"]):
                     problems.append(f"{name}/{lang}: routing has not one value per MoE layer")
                 elif not all(0.0 <= s <= 1.0 for s in ffn_use):

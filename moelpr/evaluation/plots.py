@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..models.statistics import EXPERT0_TOP1_SHARE_KEY, FFN_FUSION_WEIGHT_KEY, MEAN_ROUTER_PROB_KEY
+
 
 def _pyplot():
     """matplotlib's pyplot, imported on first use (matplotlib comes with the 'eval' extra, which ``evaluate`` checks
@@ -31,8 +33,15 @@ def _annotated_heatmap(fig, ax, values: np.ndarray, row_labels: Sequence[str], c
     middle = (low + high) / 2
     for (row, col), value in np.ndenumerate(values):
         # Dark text on the bright end of viridis, light text on the dark end.
-        ax.text(col, row, f"{value:.{digits}f}", ha="center", va="center", fontsize=7,
-                color="black" if value > middle else "white")
+        ax.text(
+            col,
+            row,
+            f"{value:.{digits}f}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="black" if value > middle else "white",
+        )
     fig.colorbar(image, ax=ax, shrink=0.8)
 
 
@@ -42,7 +51,9 @@ def _padded(per_layer: Sequence[Sequence[float]]) -> np.ndarray:
     return np.array([list(values) + [0.0] * (width - len(values)) for values in per_layer])
 
 
-def routing_heatmap(routing: Mapping[str, Mapping], languages: Sequence[str], old_languages: set[str], path: Path) -> None:
+def routing_heatmap(
+    routing: Mapping[str, Mapping], languages: Sequence[str], old_languages: set[str], path: Path
+) -> None:
     """One column per MoE model. Top: how much each MoE layer uses the original FFN, per language, on a fixed 0-1
     scale so models compare at a glance: for MoE-LPR the share of tokens whose top-1 expert is expert 0 (the
     original FFN), for MoE-CT the mean fusion weight on the frozen FFN. Bottom: each expert's router probability
@@ -53,29 +64,58 @@ def routing_heatmap(routing: Mapping[str, Mapping], languages: Sequence[str], ol
     num_layers = max(len(routing[m]["layers"]) for m in models)
     labels = [f"{lang}\n({'old' if lang in old_languages else 'new'})" for lang in languages]
     probs = {
-        m: np.array([np.mean(_padded(routing[m]["languages"][lang]["mean_router_prob"]), axis=0) for lang in languages])
+        m: np.array(
+            [np.mean(_padded(routing[m]["languages"][lang][MEAN_ROUTER_PROB_KEY]), axis=0) for lang in languages]
+        )
         for m in models
     }
     prob_range = (min(p.min() for p in probs.values()), max(p.max() for p in probs.values()))
     plt = _pyplot()
     fig, axes = plt.subplots(
-        2, len(models), squeeze=False, layout="constrained",
+        2,
+        len(models),
+        squeeze=False,
+        layout="constrained",
         figsize=(max(5.0, 1.0 * len(languages) + 2.5) * len(models), 0.28 * num_layers + 0.5 * len(languages) + 3),
         gridspec_kw={"height_ratios": [max(num_layers, 2), len(languages) + 1]},
     )
     for col, model in enumerate(models):
         report = routing[model]
         ct = report.get("method") == "ct"
-        key, what = ("ffn_fusion_weight", "mean fusion weight on the frozen FFN") if ct else (
-            "expert0_top1_share", "share of tokens whose top-1 expert is expert 0")
-        values = np.array([[report["languages"][lang][key][i] for lang in languages] for i in range(len(report["layers"]))])
-        _annotated_heatmap(fig, axes[0, col], values, [f"layer {i}" for i in report["layers"]], labels,
-                           f"{model} ({'MoE-CT' if ct else 'MoE-LPR'})\n{what}", (0.0, 1.0), 2)
+        key, what = (
+            (FFN_FUSION_WEIGHT_KEY, "mean fusion weight on the frozen FFN")
+            if ct
+            else (EXPERT0_TOP1_SHARE_KEY, "share of tokens whose top-1 expert is expert 0")
+        )
+        values = np.array(
+            [[report["languages"][lang][key][i] for lang in languages] for i in range(len(report["layers"]))]
+        )
+        _annotated_heatmap(
+            fig,
+            axes[0, col],
+            values,
+            [f"layer {i}" for i in report["layers"]],
+            labels,
+            f"{model} ({'MoE-CT' if ct else 'MoE-LPR'})\n{what}",
+            (0.0, 1.0),
+            2,
+        )
         experts = [f"{'routed' if ct else 'expert'} {e}" for e in range(probs[model].shape[1])]
-        _annotated_heatmap(fig, axes[1, col], probs[model], labels, experts,
-                           f"{model}\nmean router probability (over tokens and layers)", prob_range, 3)
-    fig.suptitle("Use of the original FFN on held-out text (MoE-LPR: expert 0 of the router; MoE-CT: the frozen FFN "
-                 "beside the routed experts)", fontsize=10)
+        _annotated_heatmap(
+            fig,
+            axes[1, col],
+            probs[model],
+            labels,
+            experts,
+            f"{model}\nmean router probability (over tokens and layers)",
+            prob_range,
+            3,
+        )
+    fig.suptitle(
+        "Use of the original FFN on held-out text (MoE-LPR: expert 0 of the router; MoE-CT: the frozen FFN "
+        "beside the routed experts)",
+        fontsize=10,
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

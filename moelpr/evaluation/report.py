@@ -14,6 +14,7 @@ import torch
 from ..extras import require
 from ..jsonl_texts import iter_jsonl_texts
 from ..models.configuration import CT, LPR
+from ..models.statistics import EXPERT0_TOP1_SHARE_KEY, FFN_FUSION_WEIGHT_KEY, MEAN_ROUTER_PROB_KEY, TOP1_SHARE_KEY
 from ..tokenization import restore_add_bos_token
 from .intervals import DEFAULT_LEVEL, DEFAULT_SAMPLES, change_interval, document_units, perplexity_interval
 from .perplexity import SPREAD_DOCUMENTS, LanguageResult, evaluate_language, packed_blocks
@@ -93,10 +94,10 @@ def routing_report(config: Any, per_language: Mapping[str, LanguageResult], old_
         totals = result.routing
         entry = {"role": "old" if lang in old_languages else "new", "tokens": totals.tokens}
         if method == CT:
-            entry["ffn_fusion_weight"] = totals.ffn_fusion_weight()
+            entry[FFN_FUSION_WEIGHT_KEY] = totals.ffn_fusion_weight()
         else:
-            entry["expert0_top1_share"] = totals.expert0_top1_share()
-        entry.update(top1_share=totals.top1_share(), mean_router_prob=totals.mean_router_prob())
+            entry[EXPERT0_TOP1_SHARE_KEY] = totals.expert0_top1_share()
+        entry.update({TOP1_SHARE_KEY: totals.top1_share(), MEAN_ROUTER_PROB_KEY: totals.mean_router_prob()})
         languages[lang] = entry
     return {
         "method": method,
@@ -107,7 +108,9 @@ def routing_report(config: Any, per_language: Mapping[str, LanguageResult], old_
     }
 
 
-def _perplexity_markdown(results: Mapping[str, Mapping], languages: Sequence[str], old: set[str], settings: Mapping) -> str:
+def _perplexity_markdown(
+    results: Mapping[str, Mapping], languages: Sequence[str], old: set[str], settings: Mapping
+) -> str:
     header = [f"{lang} ({'old' if lang in old else 'new'})" for lang in languages]
     level = round(100 * settings["bootstrap"]["level"])
     lines = [
@@ -127,11 +130,18 @@ def _perplexity_markdown(results: Mapping[str, Mapping], languages: Sequence[str
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     baseline = next(iter(results))
     if len(results) > 1:
-        paired = [report["languages"][lang]["change_vs_baseline"]["paired"]
-                  for report in list(results.values())[1:] for lang in languages]
-        how = ("paired over the same documents" if all(paired) else
-               "models resampled independently: they saw different documents" if not any(paired) else
-               "paired over the same documents, except the cells marked `(unpaired)`: different documents")
+        paired = [
+            report["languages"][lang]["change_vs_baseline"]["paired"]
+            for report in list(results.values())[1:]
+            for lang in languages
+        ]
+        how = (
+            "paired over the same documents"
+            if all(paired)
+            else "models resampled independently: they saw different documents"
+            if not any(paired)
+            else "paired over the same documents, except the cells marked `(unpaired)`: different documents"
+        )
         lines += [
             "",
             f"Change relative to `{baseline}` [{level}% interval, {how}]; `*` where the interval excludes 0:",
@@ -202,7 +212,13 @@ def evaluate(
             lang_start = time.perf_counter()
             per_language[lang] = evaluate_language(model, blocks, batch_size, moe, f"{name} / {lang}", owners)
             compute_seconds += time.perf_counter() - lang_start
-            logger.info("%s / %s: perplexity %.2f over %d tokens", name, lang, per_language[lang].perplexity, per_language[lang].predicted_tokens)
+            logger.info(
+                "%s / %s: perplexity %.2f over %d tokens",
+                name,
+                lang,
+                per_language[lang].perplexity,
+                per_language[lang].predicted_tokens,
+            )
         results[name] = {
             "path": str(path),
             "kind": "moe" if moe else "dense",
@@ -229,7 +245,11 @@ def evaluate(
         del model
 
     _with_intervals(results, languages)
-    report = {"settings": settings, "languages": {lang: "old" if lang in old_languages else "new" for lang in languages}, "models": results}
+    report = {
+        "settings": settings,
+        "languages": {lang: "old" if lang in old_languages else "new" for lang in languages},
+        "models": results,
+    }
     (output_dir / "perplexity.json").write_text(json.dumps(report, indent=2) + "\n")
     (output_dir / "perplexity.md").write_text(_perplexity_markdown(results, languages, old_languages, settings))
     if routing:

@@ -17,24 +17,23 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from moelpr.checkpoints.slim import MOE_BASE, is_slim_checkpoint, resolve_base, write_reference
 from moelpr.checkpoints.streaming import CheckpointReader
-from moelpr.models import fusion_stat_tensors, routing_stat_tensors
 from moelpr.models.configuration import CT
 from moelpr.models.modeling import micro_batch_share
+from moelpr.models.statistics import (
+    AUX_LOSS_KEY,
+    LM_LOSS_KEY,
+    LPR_LOSS_KEY,
+    fusion_stat_tensors,
+    is_routing_log_key,
+    routing_stat_tensors,
+    training_log_keys,
+)
 
 from .hparams import MoELPRArgumentError
 from .model import is_moelpr_model
 
-LOSS_KEYS = ("lm_loss", "aux_loss", "lpr_loss")
-EXPERT_SHARE_PREFIX = "expert_share_"
-OLD_LANG_EXPERT0_KEY = "old_lang_expert0_top1_share"
 # LLaMA-Factory's library logger: LlamaBoard's log file handler sits on it.
 logger = logging.get_logger()
-# MoE-CT: mean fusion weight on the frozen FFN, over all tokens and over old- / new-language ones (fusion_stats).
-FUSION_KEYS = ("ffn_fusion_weight", "old_lang_ffn_fusion_weight", "new_lang_ffn_fusion_weight")
-
-
-def is_routing_log_key(key: str) -> bool:
-    return key in LOSS_KEYS or key == OLD_LANG_EXPERT0_KEY or key in FUSION_KEYS or key.startswith(EXPERT_SHARE_PREFIX)
 
 
 class RoutingMeter:
@@ -44,8 +43,7 @@ class RoutingMeter:
     never waits for the GPU; the one host transfer is at log time."""
 
     def __init__(self, num_experts: int, device: torch.device | str) -> None:
-        experts = (f"{EXPERT_SHARE_PREFIX}{i}" for i in range(num_experts))
-        self.keys = [*LOSS_KEYS, *experts, OLD_LANG_EXPERT0_KEY, *FUSION_KEYS]
+        self.keys = training_log_keys(num_experts)
         self._sums = torch.zeros(2, len(self.keys), dtype=torch.float64, device=device)  # row 0: sums, row 1: counts
         self._absent = torch.tensor(float("nan"), dtype=torch.float64, device=device)
 
@@ -76,7 +74,7 @@ class MoELPRTrainer(CustomTrainer):
         super().__init__(*args, **kwargs)
         moe = is_moelpr_model(self.model)
         if moe and (self.compute_loss_func is not None or self.label_smoother is not None):
-            # The router losses reach the router only through the model's own loss (moelpr/models/moe.py).
+            # The router losses reach the router only through the model's own loss (moelpr/models/routing.py).
             raise MoELPRArgumentError(
                 "A MoE-LPR model must be trained on the loss it returns: a custom `compute_loss_func` or label "
                 "smoothing computes another loss from the logits, and the router losses would get no gradient."
@@ -107,14 +105,14 @@ class MoELPRTrainer(CustomTrainer):
             token_mask=token_mask,
             lang_mask=None if ct else lang_mask,
         )
-        values["aux_loss"] = outputs.aux_loss.detach()
+        values[AUX_LOSS_KEY] = outputs.aux_loss.detach()
         if ct:
             values.update(fusion_stat_tensors(outputs.ffn_fusion_weights, token_mask, lang_mask))
         else:
-            values["lpr_loss"] = outputs.lpr_loss.detach()
+            values[LPR_LOSS_KEY] = outputs.lpr_loss.detach()
         # The model scales its LM loss by this micro-batch's share of the step's tokens; undo it so
         # lm_loss reads as a per-token loss whatever the gradient accumulation. No labelled token: 0/0, NaN.
-        values["lm_loss"] = outputs.lm_loss.detach() / micro_batch_share(inputs["labels"], num_items_in_batch)
+        values[LM_LOSS_KEY] = outputs.lm_loss.detach() / micro_batch_share(inputs["labels"], num_items_in_batch)
         self._routing_meter.add(values)
         return (loss, outputs) if return_outputs else loss
 

@@ -6,10 +6,11 @@ from .gemma3_text_moelpr import Gemma3TextMoELPRConfig, Gemma3TextMoELPRForCausa
 from .llama_moelpr import LlamaMoELPRConfig, LlamaMoELPRForCausalLM
 from .mistral_moelpr import MistralMoELPRConfig, MistralMoELPRForCausalLM
 from .modeling import MOE_BLOCK_CLASSES, MoELPRCausalLMOutputWithPast, MoELPRForCausalLMMixin
-from .moe import MoELPRSparseBlock, routing_stat_tensors, routing_stats
-from .moe_ct import MoECTBlock, fusion_stat_tensors, fusion_stats
+from .moe import MoELPRSparseBlock
+from .moe_ct import MoECTBlock
 from .qwen2_moelpr import Qwen2MoELPRConfig, Qwen2MoELPRForCausalLM
 from .qwen3_moelpr import Qwen3MoELPRConfig, Qwen3MoELPRForCausalLM
+from .statistics import fusion_stat_tensors, fusion_stats, routing_stat_tensors, routing_stats
 
 # Dense model_type -> the MoE-LPR classes that upcycle it (docs/adding_a_family.md says how to add one).
 MOE_FAMILIES: dict[str, tuple[type, type]] = {

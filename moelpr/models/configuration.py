@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# How MoE layers may run their experts (``moe.run_experts``).
+# How MoE layers may run their experts (``expert_dispatch.run_experts``).
 EXPERTS_IMPLEMENTATIONS = ("auto", "grouped", "loop")
 
 LPR = "lpr"
@@ -18,6 +18,13 @@ DEFAULT_EXPERTS = {LPR: (4, 2), CT: (2, 1)}
 # The LPR loss on router logits (the paper's formula) or on router probabilities (the authors' code: a second softmax).
 PAPER, AUTHORS = "paper", "authors"
 LPR_LOSS_FORMS = (PAPER, AUTHORS)
+
+
+def check_experts_implementation(implementation: str) -> None:
+    if implementation not in EXPERTS_IMPLEMENTATIONS:
+        raise ValueError(
+            f"moe_experts_implementation must be one of {list(EXPERTS_IMPLEMENTATIONS)}, got {implementation!r}."
+        )
 
 
 @dataclass(kw_only=True, repr=False)
@@ -36,12 +43,13 @@ class MoELPRConfigMixin:
     lpr_loss_coef: weight of the Language Priors Routing loss (review stage).
     lpr_loss_form: ``"paper"`` (cross-entropy of the router logits toward expert 0, the paper's formula) or
         ``"authors"`` (the same cross-entropy applied to the router's softmax outputs, as the authors' code does: a
-        second softmax, which weakens the gradient; see ``moe.lpr_loss``).
+        second softmax, which weakens the gradient; see ``routing.lpr_loss``).
     output_router_logits: return router logits in the model output.
     moe_experts_implementation: how each MoE layer runs its experts: ``"grouped"`` (all experts in one grouped
         GEMM per projection, ``torch._grouped_mm``, no host sync), ``"loop"`` (one expert after another) or
-        ``"auto"`` (grouped where it is available and faster: CUDA in bf16, CPU batches; the loop otherwise).
-        Same results either way (see ``moe.run_experts``).
+        ``"auto"`` (grouped where it is available and faster: CUDA in bf16; the loop otherwise). Same results
+        either way (see ``expert_dispatch.run_experts``). The MoE blocks read it at every forward, so setting
+        ``model.config.moe_experts_implementation`` on a built model switches them all.
     """
 
     moe_method: str = LPR
@@ -55,11 +63,7 @@ class MoELPRConfigMixin:
     moe_experts_implementation: str = "auto"
 
     def validate_moe(self) -> None:
-        if self.moe_experts_implementation not in EXPERTS_IMPLEMENTATIONS:
-            raise ValueError(
-                f"moe_experts_implementation must be one of {list(EXPERTS_IMPLEMENTATIONS)}, "
-                f"got {self.moe_experts_implementation!r}."
-            )
+        check_experts_implementation(self.moe_experts_implementation)
         if self.moe_method not in DEFAULT_EXPERTS:
             raise ValueError(f"moe_method must be one of {sorted(DEFAULT_EXPERTS)}, got {self.moe_method!r}.")
         if self.lpr_loss_form not in LPR_LOSS_FORMS:

@@ -14,16 +14,16 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..checkpoints.slim import ComposedCheckpoint, is_slim_checkpoint
 from .configuration import CT
-from .moe import (
+from .moe import MoELPRSparseBlock
+from .moe_ct import MoECTBlock
+from .routing import (
     ROUTING_KWARG,
     LossScale,
-    MoELPRSparseBlock,
     RoutingContext,
     enter_decoder_layer,
     exit_decoder_layer,
     probe_loss_scale,
 )
-from .moe_ct import MoECTBlock
 
 IGNORE_INDEX = -100
 
@@ -113,13 +113,7 @@ class MoELPRForCausalLMMixin:
         return MoECTBlock if config.moe_method == CT else MoELPRSparseBlock
 
     def make_moe_block(self, config, layer_idx: int) -> nn.Module:
-        return self.moe_block_class(config)(
-            hidden_size=config.hidden_size,
-            num_experts=config.num_experts_of(layer_idx),
-            top_k=config.num_experts_per_tok,
-            make_expert=lambda: self.expert_class(config),
-            experts_implementation=config.moe_experts_implementation,
-        )
+        return self.moe_block_class(config)(config, config.num_experts_of(layer_idx), lambda: self.expert_class(config))
 
     def moe_blocks(self) -> list[MoELPRSparseBlock | MoECTBlock]:
         return [m for m in self.modules() if isinstance(m, MOE_BLOCK_CLASSES)]
@@ -179,7 +173,7 @@ class MoELPRForCausalLMMixin:
         loss = lm_loss = outputs.loss
         if train_router:
             # The router-loss values are added detached: their gradients were already injected inside
-            # the MoE blocks (see moe.py), scaled by whatever reaches this loss through the probe.
+            # the MoE blocks (see routing.py), scaled by whatever reaches this loss through the probe.
             weighted = config.router_aux_loss_coef * aux_loss
             if lpr_loss is not None:
                 weighted = weighted + config.lpr_loss_coef * lpr_loss
