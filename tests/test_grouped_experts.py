@@ -9,10 +9,11 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 from tiny_models import FAMILY_FIELDS
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from moelpr.errors import MoELPRUserError
 from moelpr.llamafactory_plugin.model import setup_moelpr_tuning
 from moelpr.models import MOE_FAMILIES, LlamaMoELPRConfig
 from moelpr.models.configuration import CT, LPR
-from moelpr.models.expert_dispatch import run_experts, uses_grouped_experts
+from moelpr.models.expert_dispatch import auto_groups_experts, run_experts, uses_grouped_experts
 from moelpr.models.moe import MoELPRSparseBlock
 from moelpr.models.routing import route
 
@@ -223,6 +224,42 @@ def test_experts_that_cannot_be_grouped_run_the_loop_on_auto_and_refuse_grouped(
     assert uses_grouped_experts("grouped", _llama_block("auto").routed_experts(), tokens)
     with pytest.raises(ValueError, match="moe_experts_implementation='grouped' needs bias-free"):
         uses_grouped_experts("grouped", with_bias.routed_experts(), tokens)
+
+
+@pytest.mark.parametrize(
+    ("device_type", "capability", "dtype", "groups"),
+    [
+        ("cuda", (8, 0), torch.bfloat16, True),  # A100
+        ("cuda", (8, 9), torch.bfloat16, True),  # L4, RTX 40
+        ("cuda", (9, 0), torch.bfloat16, True),  # H100, H200
+        # Blackwell: non-zero weight gradients for empty groups (pytorch/pytorch#172439), so new experts that got
+        # no token would move.
+        ("cuda", (10, 0), torch.bfloat16, False),
+        ("cuda", (12, 0), torch.bfloat16, False),
+        ("cuda", (7, 5), torch.bfloat16, False),  # before the grouped GEMM kernels
+        ("cuda", None, torch.bfloat16, False),  # ROCm: no NVIDIA compute capability
+        ("cuda", (9, 0), torch.float32, False),
+        ("cuda", (9, 0), torch.float16, False),
+        ("cpu", None, torch.bfloat16, False),
+    ],
+)
+def test_auto_groups_only_in_bf16_on_compute_capabilities_where_empty_groups_get_zero_gradients(
+    device_type, capability, dtype, groups
+):
+    assert auto_groups_experts(device_type, capability, dtype) is groups
+
+
+def test_grouped_in_a_dtype_the_grouped_gemm_cannot_compute_in_is_refused_in_one_line():
+    block = _llama_block("grouped").double()
+    with pytest.raises(MoELPRUserError) as refused:
+        block(torch.randn(1, 5, 32, dtype=torch.float64))
+    assert str(refused.value) == (
+        "moe_experts_implementation='grouped' computes in float32, bfloat16, float16 (torch._grouped_mm), not "
+        "float64; use 'auto' or 'loop'."
+    )
+    # 'auto' runs such experts through the loop.
+    block.config.moe_experts_implementation = "auto"
+    assert block(torch.randn(1, 5, 32, dtype=torch.float64)).dtype == torch.float64
 
 
 def test_the_experts_implementation_set_on_a_built_model_takes_effect(monkeypatch):

@@ -112,15 +112,19 @@ def _device() -> list[str]:
             f"CPU AVX512-BF16: {_avx512_bf16()}",
             "grouped-GEMM experts: not used on CPU (moe_experts_implementation 'auto' runs the loop there)",
         ]
+    from ..models.expert_dispatch import auto_groups_experts, cuda_capability
+
     count = torch.cuda.device_count()
     name = torch.cuda.get_device_name(0)
     major, minor = torch.cuda.get_device_capability(0)
     bf16 = torch.cuda.is_bf16_supported()
     grouped = _grouped_experts(torch, "cuda:0")
     if grouped == "yes":
-        grouped += (
-            " ('auto' uses them in bf16)" if (major, minor) >= (8, 0) else " ('auto' needs compute capability 8.0)"
-        )
+        # The decision the MoE layers make, so the report cannot disagree with what a run does.
+        if auto_groups_experts("cuda", cuda_capability(torch.device("cuda:0")), torch.bfloat16):
+            grouped += " ('auto' uses them in bf16)"
+        else:
+            grouped += " ('auto' runs the loop: it groups only on NVIDIA compute capability 8.x and 9.x)"
     return [
         *lines,
         f"device: GPU, {count} x {name}, compute capability {major}.{minor}",

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import MoELPRUserError
+
 # How MoE layers may run their experts (``expert_dispatch.run_experts``).
 EXPERTS_IMPLEMENTATIONS = ("auto", "grouped", "loop")
 
@@ -20,9 +22,13 @@ PAPER, AUTHORS = "paper", "authors"
 LPR_LOSS_FORMS = (PAPER, AUTHORS)
 
 
+class ExpertsImplementationError(MoELPRUserError, ValueError):
+    """A ``moe_experts_implementation`` that is unknown, or that cannot run these experts on these tensors."""
+
+
 def check_experts_implementation(implementation: str) -> None:
     if implementation not in EXPERTS_IMPLEMENTATIONS:
-        raise ValueError(
+        raise ExpertsImplementationError(
             f"moe_experts_implementation must be one of {list(EXPERTS_IMPLEMENTATIONS)}, got {implementation!r}."
         )
 
@@ -47,7 +53,8 @@ class MoELPRConfigMixin:
     output_router_logits: return router logits in the model output.
     moe_experts_implementation: how each MoE layer runs its experts: ``"grouped"`` (all experts in one grouped
         GEMM per projection, ``torch._grouped_mm``, no host sync), ``"loop"`` (one expert after another) or
-        ``"auto"`` (grouped where it is available and faster: CUDA in bf16; the loop otherwise). Same results
+        ``"auto"`` (grouped where it is available, faster and known to be right: CUDA in bf16 on compute
+        capability 8.x and 9.x; the loop otherwise, see ``expert_dispatch.auto_groups_experts``). Same results
         either way (see ``expert_dispatch.run_experts``). The MoE blocks read it at every forward, so setting
         ``model.config.moe_experts_implementation`` on a built model switches them all.
     """

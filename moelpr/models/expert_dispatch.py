@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration import check_experts_implementation
+from .configuration import ExpertsImplementationError, check_experts_implementation
 
 
 def _autocast_on(device: torch.device) -> bool:
@@ -50,26 +50,57 @@ def grouped_ffn_supported(experts: Sequence[nn.Module], tokens: torch.Tensor) ->
     return True
 
 
+# The dtypes ``torch._grouped_mm`` computes in (its own check, on the CPU and CUDA alike).
+GROUPED_GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# CUDA compute capabilities (major versions) where ``torch._grouped_mm`` gives experts with an empty group a zero
+# weight gradient. On SM100 (Blackwell) PyTorch reports non-zero ones (pytorch/pytorch#172439): a new expert that
+# got no token would still move, so ``"auto"`` runs the loop there until a release is known to fix it.
+AUTO_GROUPED_CAPABILITY_MAJORS = (8, 9)
+
+
+def auto_groups_experts(device_type: str, capability: tuple[int, int] | None, dtype: torch.dtype) -> bool:
+    """Whether ``"auto"`` may run groupable experts as one grouped GEMM: on CUDA (``capability`` the device's
+    compute capability, ``None`` where it is not an NVIDIA one) in bf16 on SM 8.x or 9.x. The loop otherwise, the
+    CPU included, where whole training steps measured slower grouped than looped in bf16 and float32 (stacking the
+    weights costs more than the per-expert calls it saves; benchmarks/README.md)."""
+    return (
+        device_type == "cuda"
+        and dtype == torch.bfloat16
+        and capability is not None
+        and capability[0] in AUTO_GROUPED_CAPABILITY_MAJORS
+    )
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """``device``'s CUDA compute capability; ``None`` off CUDA and on ROCm (which reports its GFX version there)."""
+    if device.type != "cuda" or torch.version.hip:
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
 def uses_grouped_experts(implementation: str, experts: Sequence[nn.Module], tokens: torch.Tensor) -> bool:
-    """``"auto"``: grouped on CUDA in bf16 (what ``torch._grouped_mm`` supports there, SM 8.0 and newer); the loop
-    otherwise, the CPU included, where whole training steps measured slower grouped than looped in bf16 and float32
-    (stacking the weights costs more than the per-expert calls it saves; benchmarks/README.md).
-    ``"grouped"`` is refused with a clear error where the experts cannot be grouped."""
+    """``"auto"``: grouped where :func:`auto_groups_experts` says so and the experts can be grouped; ``"grouped"``
+    is refused with a one-line error where the experts cannot be grouped or ``torch._grouped_mm`` cannot compute
+    in the tokens' dtype."""
     if implementation == "loop":
         return False
+    dtype = _compute_dtype(tokens)
     if implementation == "grouped":
+        if dtype not in GROUPED_GEMM_DTYPES:
+            names = ", ".join(str(d).removeprefix("torch.") for d in GROUPED_GEMM_DTYPES)
+            raise ExpertsImplementationError(
+                f"moe_experts_implementation='grouped' computes in {names} (torch._grouped_mm), not "
+                f"{str(dtype).removeprefix('torch.')}; use 'auto' or 'loop'."
+            )
         if not grouped_ffn_supported(experts, tokens):
-            raise ValueError(
+            raise ExpertsImplementationError(
                 "moe_experts_implementation='grouped' needs bias-free gated FFN experts whose weights are plain "
                 "tensors of the tokens' dtype (not ZeRO-3 partitions or PEFT layers); use 'auto' or 'loop'."
             )
         return True
     # The device and dtype first: they are cheap, and this runs for every layer at every decoded token.
-    return (
-        tokens.device.type == "cuda"
-        and _compute_dtype(tokens) == torch.bfloat16
-        and torch.cuda.get_device_capability(tokens.device) >= (8, 0)
-        and grouped_ffn_supported(experts, tokens)
+    return auto_groups_experts(tokens.device.type, cuda_capability(tokens.device), dtype) and grouped_ffn_supported(
+        experts, tokens
     )
 
 
