@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         metavar="[NAME=]PATH",
-        help="a checkpoint to evaluate; repeat as NAME=PATH for several (one table, the baseline evaluated once)",
+        help="a checkpoint (a directory or a Hub id) to evaluate; repeat as NAME=PATH for several (one table, the baseline evaluated once)",
     )
     parser.add_argument(
         "--baseline", type=Path, default=None, help="a checkpoint to compare with (e.g. the base model)"
@@ -93,10 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _validated(args: argparse.Namespace) -> dict | None:
-    for option, path in (*(("--model_path", p) for _, p in args.model_path), ("--baseline", args.baseline)):
-        if path is not None:
-            require_model_dir(path, f"{option}:")
+def _validated(args: argparse.Namespace) -> tuple[dict | None, dict[str, Path]]:
+    """The task map (``None``: the paper's) and the checkpoints to score by name, once the command line passes."""
     names = [name for name, _ in args.model_path]
     odd = [name for name in names if not re.fullmatch(r"[\w.-]+", name)]
     if odd:
@@ -130,20 +128,26 @@ def _validated(args: argparse.Namespace) -> dict | None:
         raise UsageError("--limit must be at least 1")
     if args.max_gen_toks is not None and args.max_gen_toks < 1:
         raise UsageError("--max_gen_toks must be at least 1")
-    if args.task_map is None:
-        return None
+    task_map = None if args.task_map is None else _task_map(args.task_map)
+    # Last, as a Hub id may download: each checkpoint's local directory, the baseline first.
+    checkpoints = {BASELINE: require_model_dir(args.baseline, "--baseline:")} if args.baseline else {}
+    checkpoints.update((name, require_model_dir(path, "--model_path:")) for name, path in args.model_path)
+    return task_map, checkpoints
+
+
+def _task_map(path: Path) -> dict:
     try:
-        task_map = json.loads(args.task_map.read_text())
+        task_map = json.loads(path.read_text())
         if not all("metric" in entry and "tasks" in entry for entry in task_map.values()):
             raise ValueError("every benchmark needs metric and tasks")
     except (OSError, ValueError, AttributeError) as error:
-        raise UsageError(f"--task_map {args.task_map}: {error}") from None
+        raise UsageError(f"--task_map {path}: {error}") from None
     return task_map
 
 
 def _bench(args: argparse.Namespace) -> None:
     require("eval", purpose="moelpr bench")  # lm-eval scores, sacrebleu's chrF intervals, matplotlib's chart
-    task_map = _validated(args)
+    task_map, checkpoints = _validated(args)
     logging.basicConfig(level=logging.INFO, format="[moelpr.bench] %(message)s")
     settings = BenchSettings(
         new=args.new,
@@ -159,7 +163,6 @@ def _bench(args: argparse.Namespace) -> None:
         batch_size=int(args.batch_size) if args.batch_size.isdigit() else args.batch_size,
         dtype=args.dtype,
     )
-    checkpoints = {**({BASELINE: args.baseline} if args.baseline else {}), **dict(args.model_path)}
     scored = score_models(checkpoints, args.output_dir, settings)
     for line in scored.missing:
         print(f"moelpr bench: {line}", file=sys.stderr)

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         metavar="NAME=PATH",
-        help="a checkpoint directory (dense or MoE-LPR); repeat for several; the first is the baseline of the relative table",
+        help="a checkpoint (dense or MoE-LPR; a directory or a Hub id); repeat for several; the first is the baseline of the relative table",
     )
     parser.add_argument(
         "--heldout",
@@ -81,8 +81,6 @@ def _validated(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, Pat
     models = _pairs(args.model, "--model", "NAME")
     heldout = _pairs(args.heldout, "--heldout", "LANG")
     runs = _pairs(args.run_dir, "--run_dir", "NAME")
-    for name, path in models.items():
-        require_model_dir(path, f"--model {name}:")
     for lang, path in heldout.items():
         if not path.is_file():
             raise UsageError(f"--heldout {lang}: file not found: {path}")
@@ -97,6 +95,8 @@ def _validated(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, Pat
         raise UsageError("--cutoff_len must be at least 2")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise UsageError("--max_tokens must be at least 2")
+    # Last: a Hub id may download.
+    models = {name: require_model_dir(path, f"--model {name}:") for name, path in models.items()}
     return models, heldout, old, runs
 
 

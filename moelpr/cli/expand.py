@@ -16,7 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
         "each group of L/N layers, for LLaMA-Factory's `use_llama_pro` freeze training.",
     )
     parser.add_argument(
-        "--model_path", required=True, help=f"dense HF checkpoint directory ({', '.join(sorted(FAMILIES))})"
+        "--model_path",
+        required=True,
+        help=f"dense HF checkpoint, a directory or a Hub id ({', '.join(sorted(FAMILIES))})",
     )
     parser.add_argument("--output_path", required=True, help="new directory for the expanded checkpoint")
     parser.add_argument("--num_expand", type=int, required=True, help="blocks to add; must divide the layer count")

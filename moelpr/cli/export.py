@@ -17,7 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export an MoE-LPR checkpoint as a standard Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint, or as a "
         "GGUF file for llama.cpp (see docs/export.md).",
     )
-    parser.add_argument("--model_path", required=True, help="MoE-LPR checkpoint directory (upcycled or trained)")
+    parser.add_argument(
+        "--model_path", required=True, help="MoE-LPR checkpoint (upcycled or trained): a directory or a Hub id"
+    )
     parser.add_argument(
         "--output_path", required=True, help="new directory for the exported checkpoint (a new .gguf file for gguf)"
     )

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show how --num_experts auto:K would spread K new experts over a dense model's layers "
         "(LayerMoE: fewer where old and new languages' FFN inputs are alike). Nothing is upcycled.",
     )
-    parser.add_argument("--model_path", required=True, help="dense HF checkpoint directory")
+    parser.add_argument("--model_path", required=True, help="dense HF checkpoint: a directory or a Hub id")
     parser.add_argument("--num_experts", required=True, help="auto:K, K = new experts to spread over the layers")
     parser.add_argument(
         "--new_corpus", type=split_paths, default=[], help="new-language jsonl file(s), comma-separated"

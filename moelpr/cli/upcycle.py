@@ -20,7 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=f"Upcycle a dense checkpoint ({', '.join(sorted(MOE_FAMILIES))}) into an MoE-LPR or MoE-CT model."
     )
-    parser.add_argument("--model_path", required=True, help="dense HF checkpoint directory (safetensors weights)")
+    parser.add_argument(
+        "--model_path",
+        required=True,
+        help="dense HF checkpoint (safetensors weights): a directory or a Hub id such as Qwen/Qwen2.5-7B",
+    )
     parser.add_argument("--output_path", required=True, help="new directory for the MoE checkpoint")
     parser.add_argument(
         "--method",

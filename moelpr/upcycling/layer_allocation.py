@@ -391,8 +391,8 @@ def allocate_for_checkpoint(
     """:func:`allocate` for the dense checkpoint at ``model_path``; the corpora are read before the model loads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    require_model_dir(model_path)
     check_request(budget, new_corpora, old_corpora)
+    model_path = require_model_dir(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     corpora = read_corpora(tokenizer, new_corpora, old_corpora, max_tokens, max_length, text_field)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").to(device).eval()

@@ -95,10 +95,15 @@ def _divisors(number: int) -> list[int]:
     return [d for d in range(1, number + 1) if number % d == 0]
 
 
-def _check_request(model_path: Path, output_path: Path, num_expand: int) -> tuple[dict, ExpansionFamily]:
+def _check_request(
+    model_path: str | os.PathLike, output_path: Path, num_expand: int
+) -> tuple[Path, dict, ExpansionFamily]:
+    """The dense model's local directory (a Hub id resolved), its config and family, once the request passes the
+    checks."""
     if num_expand < 1:
         raise ExpansionError(f"--num_expand must be at least 1, got {num_expand}.")
-    config_file = require_model_dir(model_path) / CONFIG_NAME
+    model_path = require_model_dir(model_path)
+    config_file = model_path / CONFIG_NAME
     config = json.loads(config_file.read_text())
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
@@ -130,7 +135,7 @@ def _check_request(model_path: Path, output_path: Path, num_expand: int) -> tupl
 
         dense_config = AutoConfig.from_pretrained(model_path)
         config = {**config, **{key: getattr(dense_config, key, None) for key in missing}}
-    return config, family
+    return model_path, config, family
 
 
 def expand_config(config: dict, num_expand: int, family: ExpansionFamily) -> dict:
@@ -184,8 +189,8 @@ def expand(
     max_shard_size: str | int = "5GB",
 ) -> Path:
     """Write the block-expanded checkpoint (weights, config, tokenizer) of the dense model at ``model_path``."""
-    model_path, output_path = Path(model_path), Path(output_path)
-    config, family = _check_request(model_path, output_path, num_expand)
+    output_path = Path(output_path)
+    model_path, config, family = _check_request(model_path, output_path, num_expand)
     max_shard_bytes = parse_size(max_shard_size)
     num_layers = config["num_hidden_layers"]
     expanded_config = expand_config(config, num_expand, family)

@@ -56,9 +56,13 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 ADDING_A_FAMILY = "docs/adding_a_family.md"
 
 
-def _check_paths(model_path: Path, output_path: Path) -> str:
-    """The dense model's ``model_type`` once the directories pass the checks."""
-    config_file = require_model_dir(model_path) / CONFIG_NAME
+def _check_paths(model_path: str | Path, output_path: Path) -> tuple[Path, str]:
+    """The dense model's local directory (a Hub id resolved) and ``model_type``, once the directories pass the
+    checks. The output first: it needs no download."""
+    if output_path.exists() and (not output_path.is_dir() or any((output_path / f).exists() for f in MODEL_FILES)):
+        raise UpcyclingError(f"--output_path {output_path} already holds a model; choose a new directory.")
+    model_path = require_model_dir(model_path)
+    config_file = model_path / CONFIG_NAME
     if not any((model_path / f).is_file() for f in TOKENIZER_FILES):
         raise UpcyclingError(f"--model_path {model_path} has no tokenizer files; the upcycled checkpoint needs them.")
     model_type = json.loads(config_file.read_text()).get("model_type")
@@ -69,9 +73,7 @@ def _check_paths(model_path: Path, output_path: Path) -> str:
             f"cannot upcycle model_type {model_type!r}: supported families are {', '.join(sorted(MOE_FAMILIES))} "
             f"(adding one takes two small files, see {ADDING_A_FAMILY})."
         )
-    if output_path.exists() and (not output_path.is_dir() or any((output_path / f).exists() for f in MODEL_FILES)):
-        raise UpcyclingError(f"--output_path {output_path} already holds a model; choose a new directory.")
-    return model_type
+    return model_path, model_type
 
 
 @dataclass
@@ -271,8 +273,8 @@ def upcycle(model_path: str | Path, output_path: str | Path, settings: UpcycleSe
     num_experts = default_experts if settings.num_experts is None else settings.num_experts
     top_k = default_top_k if settings.top_k is None else settings.top_k
     moe_layers, new_corpora, old_corpora = settings.moe_layers, settings.new_corpora, settings.old_corpora
-    model_path, output_path = Path(model_path), Path(output_path)
-    model_type = _check_paths(model_path, output_path)
+    output_path = Path(output_path)
+    model_path, model_type = _check_paths(model_path, output_path)
     budget = parse_auto_budget(str(num_experts))
     if budget is not None and moe_method == CT:
         raise UpcyclingError(
