@@ -8,6 +8,9 @@ GGUF only agrees if llama.cpp routes and weighs the experts as MoE-LPR does.
 
 from __future__ import annotations
 
+import filecmp
+import tarfile
+
 import llama_cpp  # requirements.txt pins llama-cpp-python (built from its sdist; needs cmake and g++)
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from tiny_models import save_dense_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moelpr.cli.export import main
+from moelpr.export.gguf import CONVERTER_DIR_ENV, CONVERTER_PATHS, SDIST_NAME, converter_dir
 from moelpr.upcycling.settings import UpcycleSettings
 from moelpr.upcycling.upcycle import upcycle
 from moelpr_lab.gguf.convert import convert_gguf, smollm2_gguf_path
@@ -183,3 +187,75 @@ def test_refusals_are_one_line_and_write_nothing(refusal, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("moelpr export: error: ") and "\n" not in err and reason in err, err
     assert not out.parent.exists()
+
+
+def _sdist_holding(converter, path):
+    """An archive laid out as the pinned sdist, holding ``converter`` as its vendor/llama.cpp: pip's cache keeps no
+    sdist here (the real one is fetched at most once, into the converter cache this reads)."""
+    with tarfile.open(path, "w:gz") as archive:
+        for name in CONVERTER_PATHS:
+            archive.add(converter / name, f"{SDIST_NAME}/vendor/llama.cpp/{name}")
+    return path
+
+
+def test_an_export_without_a_package_index_uses_the_prepared_converter(smollm2_dir, tmp_path, monkeypatch, capsys):
+    from gguf import GGUFReader
+
+    converter = converter_dir()
+    sdist = _sdist_holding(converter, tmp_path / f"{SDIST_NAME}.tar.gz")
+    prepared = tmp_path / "prepared"
+    assert main(["--prepare_gguf_converter", str(prepared), "--sdist", str(sdist)]) == 0
+    assert f"{CONVERTER_DIR_ENV}={prepared}" in capsys.readouterr().out
+    assert filecmp.cmp(prepared / "convert_hf_to_gguf.py", converter / "convert_hf_to_gguf.py", shallow=False)
+
+    # No package index, no proxy that leads anywhere, no Hub, an empty cache: nothing but the prepared directory.
+    unreachable = "http://127.0.0.1:9"
+    offline = {
+        "PIP_NO_INDEX": "1",
+        "PIP_INDEX_URL": f"{unreachable}/simple",
+        "HTTP_PROXY": unreachable,
+        "HTTPS_PROXY": unreachable,
+        "NO_PROXY": "",
+        "HF_HUB_OFFLINE": "1",
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+    }
+    for name, value in offline.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv(CONVERTER_DIR_ENV, raising=False)
+    source = _tiny_moe(tmp_path, smollm2_dir, "llama", {}, 2, [0, 2], False, 0)
+    out = tmp_path / "m.gguf"
+    args = ["--model_path", str(source), "--output_path", str(out), "--format", "gguf", "--outtype", "f32"]
+    capsys.readouterr()
+    assert main(args) == 2  # without it: one line that names the command preparing it
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "run `moelpr export --prepare_gguf_converter DIR` where a package index" in err, err
+    assert not out.exists()
+
+    monkeypatch.setenv(CONVERTER_DIR_ENV, str(prepared))
+    assert main(args) == 0
+    reader = GGUFReader(out)
+    assert reader.fields["llama.expert_count"].contents() == 4
+    assert len(reader.tensors) > 0
+
+
+def test_preparing_the_converter_refuses_a_used_directory_another_sdist_and_an_export_beside_it(tmp_path, capsys):
+    other = tmp_path / "llama_cpp_python-0.3.35.tar.gz"
+    script = tmp_path / "convert_hf_to_gguf.py"
+    script.write_text("")
+    with tarfile.open(other, "w:gz") as archive:
+        archive.add(script, "llama_cpp_python-0.3.35/vendor/llama.cpp/convert_hf_to_gguf.py")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("")
+    new = tmp_path / "new"
+    cases = {
+        "exists and is not an empty directory": [str(used), "--sdist", str(other)],
+        "is not the llama-cpp-python 0.3.36 sdist": [str(new), "--sdist", str(other)],
+        "exports nothing; leave out --model_path": [str(new), "--model_path", str(tmp_path)],
+    }
+    for reason, args in cases.items():
+        assert main(["--prepare_gguf_converter", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("moelpr export: error: ") and "\n" not in err and reason in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["convert_hf_to_gguf.py", other.name, "used"]
+    assert [p.name for p in used.iterdir()] == ["notes.txt"]

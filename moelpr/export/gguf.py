@@ -10,7 +10,9 @@ The converter is not copied into moelpr: it ships inside the llama-cpp-python sd
 ``convert_hf_to_gguf.py``, its ``conversion/`` package and its own ``gguf-py``), pinned to the version whose
 engine ``requirements.txt`` installs. ``pip download`` fetches that sdist once into a cache directory (pip's own
 HTTP cache usually holds it already, from building the wheel) and the three converter paths are unpacked there;
-the converter runs as a subprocess with the sdist's ``gguf-py`` first on its path, as it arranges itself.
+the converter runs as a subprocess with the sdist's ``gguf-py`` first on its path, as it arranges itself. For a
+machine without a package index, ``moelpr export --prepare_gguf_converter DIR`` unpacks them into ``DIR`` where an
+index is reachable, and ``$MOELPR_LLAMA_CPP_CONVERTER=DIR`` points the export there.
 
 Only exports that llama.cpp computes as the MoE-LPR model does are written (see docs/export.md, "GGUF"):
 llama.cpp's Qwen2-MoE graph does not renormalise the top-k weights and needs a shared expert and a router in
@@ -40,6 +42,8 @@ SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
 CONVERTER_PATHS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 CONVERTER_DIR_ENV = "MOELPR_LLAMA_CPP_CONVERTER"  # an unpacked vendor/llama.cpp to use instead of the cache
 PIP_DOWNLOAD = f"pip download --no-binary :all: --no-deps llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
+# The `moelpr export` option that fills a directory with the converter for machines without a package index.
+PREPARE_OPTION = "--prepare_gguf_converter"
 
 CONVERTER_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # k-quants llama_model_quantize makes from the f32 GGUF -> llama_ftype (llama.h: LLAMA_FTYPE_MOSTLY_*).
@@ -64,7 +68,7 @@ def plan_gguf(model_path: str | os.PathLike) -> ExportPlan:
     dense_type = next(dense for dense, family in EXPORT_FAMILIES.items() if family is plan.family)
     if dense_type in NO_GGUF_ROUTE:
         raise ExportError(f"cannot export {model_path} as GGUF: {NO_GGUF_ROUTE[dense_type]}")
-    plan = plan_export(model_path, GGUF_ROUTES[dense_type])
+    plan = plan_export(plan.model_path, GGUF_ROUTES[dense_type])  # the directory a Hub id was resolved to
     if plan.target.name == "qwen3_moe" and plan.dense_layers:
         raise ExportError(
             f"cannot export {model_path} as GGUF: llama.cpp's Qwen3-MoE has a router in every layer and no dense "
@@ -77,48 +81,88 @@ def _cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moelpr"
 
 
+def default_converter_dir() -> Path:
+    """Where the export looks for llama.cpp's converter when ``$MOELPR_LLAMA_CPP_CONVERTER`` is not set, and fills
+    it the first time."""
+    return _cache_root() / f"{SDIST_NAME}-converter"
+
+
+def holds_converter(path: Path) -> bool:
+    return all((path / name).exists() for name in CONVERTER_PATHS)
+
+
 def converter_dir() -> Path:
     """The directory holding llama.cpp's ``convert_hf_to_gguf.py``, ``conversion/`` and ``gguf-py/`` of the pinned
-    llama-cpp-python sdist: ``$MOELPR_LLAMA_CPP_CONVERTER``, else a cache filled once from ``pip download``."""
+    llama-cpp-python sdist: ``$MOELPR_LLAMA_CPP_CONVERTER``, else a cache filled once from ``pip download``. Where
+    either holds the converter, nothing reaches for the network."""
     if os.environ.get(CONVERTER_DIR_ENV):
         path = Path(os.environ[CONVERTER_DIR_ENV])
-        if not all((path / name).exists() for name in CONVERTER_PATHS):
+        if not holds_converter(path):
             raise ExportError(f"${CONVERTER_DIR_ENV}={path} does not hold {', '.join(CONVERTER_PATHS)}")
         return path
-    cached = _cache_root() / f"{SDIST_NAME}-converter"
-    if all((cached / name).exists() for name in CONVERTER_PATHS):
+    cached = default_converter_dir()
+    if holds_converter(cached):
         return cached
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".llama-cpp-sdist.", dir=cached.parent) as tmp:
-        download = subprocess.run(
-            [sys.executable, "-m", *PIP_DOWNLOAD.split(), "-d", tmp, "-q"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        sdists = list(Path(tmp).glob(f"{SDIST_NAME}.tar.gz"))
-        if download.returncode != 0 or not sdists:
-            reason = (download.stderr.strip().splitlines() or ["no sdist"])[-1]
-            raise ExportError(
-                f"llama.cpp's converter is not cached in {cached} and `{PIP_DOWNLOAD}` failed ({reason}); run it "
-                f"where PyPI is reachable, or set ${CONVERTER_DIR_ENV} to an unpacked sdist's vendor/llama.cpp"
-            )
+    shutil.rmtree(cached, ignore_errors=True)  # an incomplete cache of ours
+    return prepare_converter(cached)
+
+
+def prepare_converter(target: Path, sdist: Path | None = None) -> Path:
+    """Fill ``target`` (new, or an empty directory) with llama.cpp's converter from the pinned llama-cpp-python
+    sdist: the file ``sdist``, else the one ``pip download`` fetches (pip's own configuration applies: its index,
+    proxy, ``--find-links``). The directory appears whole or not at all."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ExportError(f"{target} exists and is not an empty directory; choose a new one")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".llama-cpp-sdist.", dir=target.parent) as tmp:
         staging = Path(tmp) / "converter"
-        prefix = f"{SDIST_NAME}/vendor/llama.cpp/"
-        with tarfile.open(sdists[0]) as sdist:
+        _unpack_converter(sdist or _download_sdist(Path(tmp), target), staging)
+        if target.exists():
+            target.rmdir()
+        staging.rename(target)
+    return target
+
+
+def _download_sdist(directory: Path, target: Path) -> Path:
+    download = subprocess.run(
+        [sys.executable, "-m", *PIP_DOWNLOAD.split(), "-d", str(directory), "-q"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    sdists = list(directory.glob(f"{SDIST_NAME}.tar.gz"))
+    if download.returncode != 0 or not sdists:
+        reason = (download.stderr.strip().splitlines() or ["no sdist"])[-1]
+        raise ExportError(
+            f"llama.cpp's converter is not in {target} and `{PIP_DOWNLOAD}` failed ({reason}); run "
+            f"`moelpr export {PREPARE_OPTION} DIR` where a package index is reachable and set ${CONVERTER_DIR_ENV}=DIR "
+            'here (docs/export.md, "Machines without a package index")'
+        )
+    return sdists[0]
+
+
+def _unpack_converter(sdist: Path, staging: Path) -> None:
+    """The converter's paths of the sdist's ``vendor/llama.cpp``, unpacked into ``staging``."""
+    prefix = f"{SDIST_NAME}/vendor/llama.cpp/"
+    try:
+        with tarfile.open(sdist) as archive:
             members = [
                 m
-                for m in sdist.getmembers()
+                for m in archive.getmembers()
                 if m.name.startswith(prefix)
                 and m.name[len(prefix) :].split("/")[0] in CONVERTER_PATHS
                 and (m.isfile() or m.isdir())
             ]
             for member in members:
                 member.name = member.name[len(prefix) :]
-            sdist.extractall(staging, members=members, filter="data")
-        shutil.rmtree(cached, ignore_errors=True)
-        staging.rename(cached)
-    return cached
+            archive.extractall(staging, members=members, filter="data")
+    except (OSError, tarfile.TarError) as error:
+        raise ExportError(f"cannot read {sdist} as an sdist: {error}") from None
+    if not holds_converter(staging):
+        raise ExportError(
+            f"{sdist} is not the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist: it has no "
+            f"{prefix}{{{','.join(CONVERTER_PATHS)}}}"
+        )
 
 
 def _quantize(source: Path, target: Path, outtype: str) -> None:
