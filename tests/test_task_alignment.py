@@ -1,6 +1,7 @@
 """The translation tasks' paragraph pairs: a page whose paragraphs the language filter dropped at different places in
 the two languages has as many paragraphs in both, but pairs by position only up to the first gap."""
 
+from moelpr_lab.corpora.alignment_check import paragraph_ids
 from moelpr_lab.corpora.tasks import aligned_paragraphs, split_shots
 
 # One help page's source paragraphs in English and Spanish, in order.
@@ -55,3 +56,16 @@ def test_the_prompts_examples_come_from_different_pages():
     shots, test = split_shots(pairs)
     assert [shot["id"] for shot in shots] == ["page0.html#0", "page1.html#0", "page2.html#0"]
     assert test == [pair for pair in pairs if pair not in shots]  # the rest in order, each scored once
+
+
+def test_the_alignment_check_names_paragraphs_by_the_helps_ids():
+    html = (
+        '<html><body><h1 id="hd_id1">Drawing</h1><p id="par_id2" class="paragraph">Inserts a shape.</p>'
+        '<div id="DisplayArea"><p>To access this command...</p><p>Choose Insert - Shape.</p></div></body></html>'
+    )
+    assert paragraph_ids(html) == {
+        "Drawing": {"hd_id1"},
+        "Inserts a shape.": {"par_id2"},
+        "To access this command...": {"DisplayArea/1"},
+        "Choose Insert - Shape.": {"DisplayArea/2"},
+    }
