@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -100,7 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--languages", default="de,fr,es,hu,tr,el", help="comma-separated, each built with en")
     args = parser.parse_args(argv)
     codes = [code for code in args.languages.split(",") if code]
-    print(json.dumps(check(args.corpora_dir, args.cache_dir, codes), indent=2))
+    try:
+        report = check(args.corpora_dir, args.cache_dir, codes)
+    except (OSError, ValueError) as error:  # corpora not built, or packages not unpacked in --cache_dir
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2))
     return 0
 
 
