@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moelpr.export.transformers_moe import main as export_main
+from moelpr.cli.export import main as export_main
 
 WINDOW = 256
 NEW_TOKENS = 64

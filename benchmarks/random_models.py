@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tiny_models import save_dense_model  # noqa: E402  (the tests' random checkpoints and tokenizer)
 
+from moelpr.upcycling.settings import UpcycleSettings
 from moelpr.upcycling.upcycle import upcycle  # noqa: E402
 
 # family and config fields of each shape (vocabularies are the real ones; the tokenizer only uses its first ids).
@@ -59,7 +60,7 @@ def make_models(shape: str, output_dir: Path, num_experts: int, top_k: int, dtyp
     if not (dense / "config.json").exists():
         save_dense_model(dense, family, dtype=dtype, **fields)
     if not (moe / "config.json").exists():
-        upcycle(dense, moe, num_experts=num_experts, top_k=top_k)
+        upcycle(dense, moe, UpcycleSettings(num_experts=num_experts, top_k=top_k))
     return dense, moe
 
 

@@ -59,6 +59,7 @@ def main() -> None:
     from test_slim_checkpoints import save_stage
     from tiny_models import save_dense_model
 
+    from moelpr.upcycling.settings import UpcycleSettings
     from moelpr.upcycling.upcycle import upcycle
 
     parser = argparse.ArgumentParser()
@@ -69,8 +70,8 @@ def main() -> None:
     work = args.work_dir
     shutil.rmtree(work, ignore_errors=True)
     dense = save_dense_model(work / "dense", "llama", dtype=torch.float32, **SHAPES[args.shape])
-    whole = upcycle(dense, work / "upcycled_whole", num_experts=4, top_k=2)
-    slim = upcycle(dense, work / "upcycled_slim", num_experts=4, top_k=2, slim=True)
+    whole = upcycle(dense, work / "upcycled_whole", UpcycleSettings(num_experts=4, top_k=2))
+    slim = upcycle(dense, work / "upcycled_slim", UpcycleSettings(num_experts=4, top_k=2, slim=True))
     sizes = {"dense": directory_bytes(dense), "upcycle": (directory_bytes(whole), directory_bytes(slim))}
     for stage, seed in (("post_pretrain", 1), ("review", 2)):
         whole, slim = save_stage(whole, slim, work, stage, seed)

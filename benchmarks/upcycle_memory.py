@@ -41,7 +41,7 @@ if module_file:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 else:
-    import moelpr.upcycling.upcycle as module
+    import moelpr.cli.upcycle as module
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 gc.collect()
@@ -123,7 +123,7 @@ def main() -> None:
         result = measure_upcycle(args.model_path, output_path, upcycle_args, args.module_file)
     gib = {k: round(v / 2**30, 3) for k, v in result.items() if k.endswith(("bytes", "baseline", "peak"))}
     print(json.dumps({"model": str(args.model_path), "args": upcycle_args,
-                      "version": str(args.module_file or "moelpr.upcycling.upcycle"), **result, "GiB": gib}))
+                      "version": str(args.module_file or "moelpr.cli.upcycle"), **result, "GiB": gib}))
 
 
 if __name__ == "__main__":

@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class MoELPRUserError(Exception):
     """An error the user can fix: its message is the whole explanation, shown without a traceback."""
+
+    # What the command exits with: 2 for a request it cannot serve (as argparse does for a bad command line),
+    # 1 for a problem found in the data once the work has begun.
+    exit_status = 2

@@ -6,6 +6,14 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import MoELPRUserError
+
+
+class MalformedJsonl(MoELPRUserError, ValueError):
+    """A line of a jsonl corpus that is not an object with the text field."""
+
+    exit_status = 1
+
 
 def iter_jsonl_texts(path: Path, text_field: str = "text") -> Iterator[str]:
     """The ``text_field`` of every non-empty line of ``path``, in file order, one line in memory at a time."""
@@ -16,7 +24,7 @@ def iter_jsonl_texts(path: Path, text_field: str = "text") -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                raise ValueError(f"{path}:{number} is not a JSON object") from None
+                raise MalformedJsonl(f"{path}:{number} is not a JSON object") from None
             if not isinstance(record, dict) or text_field not in record:
-                raise ValueError(f"{path}:{number} has no {text_field!r} field")
+                raise MalformedJsonl(f"{path}:{number} has no {text_field!r} field")
             yield record[text_field]

@@ -35,9 +35,10 @@ def tiny_qwen2_dir(tiny_dense_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def upcycled_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    from moelpr.upcycling.settings import UpcycleSettings
     from moelpr.upcycling.upcycle import upcycle
 
-    return upcycle(tiny_llama_dir, tmp_path_factory.mktemp("upcycled") / "moe", num_experts=4, top_k=2)
+    return upcycle(tiny_llama_dir, tmp_path_factory.mktemp("upcycled") / "moe", UpcycleSettings(num_experts=4, top_k=2))
 
 
 @pytest.fixture(scope="session")
@@ -61,14 +62,17 @@ def gemma3_dense_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def per_layer_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
     """Upcycled with different expert counts per layer (layer 1 stays dense)."""
+    from moelpr.upcycling.settings import UpcycleSettings
     from moelpr.upcycling.upcycle import upcycle
 
-    return upcycle(tiny_llama_dir, tmp_path_factory.mktemp("per_layer") / "moe", num_experts="0:2,2-3:3", top_k=2)
+    settings = UpcycleSettings(num_experts="0:2,2-3:3", top_k=2)
+    return upcycle(tiny_llama_dir, tmp_path_factory.mktemp("per_layer") / "moe", settings)
 
 
 @pytest.fixture(scope="session")
 def moect_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
     """Upcycled for MoE-CT with the method's defaults: 2 routed experts, top-1, every layer."""
+    from moelpr.upcycling.settings import UpcycleSettings
     from moelpr.upcycling.upcycle import upcycle
 
-    return upcycle(tiny_llama_dir, tmp_path_factory.mktemp("moect") / "moe", method="moe_ct")
+    return upcycle(tiny_llama_dir, tmp_path_factory.mktemp("moect") / "moe", UpcycleSettings(method="moe_ct"))

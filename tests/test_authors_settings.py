@@ -18,8 +18,9 @@ from test_corpora import GREEK, HUNGARIAN, help_corpus_tree, read_jsonl
 from transformers import AutoModelForCausalLM
 
 import moelpr.llamafactory_plugin as plugin
+from moelpr.cli.upcycle import main as upcycle_main
 from moelpr.models.moe import lpr_loss
-from moelpr.upcycling.upcycle import main as upcycle_main
+from moelpr.upcycling.settings import UpcycleSettings
 from moelpr.upcycling.upcycle import router_rows, upcycle
 from moelpr_lab.corpora import (
     UNSEEN,
@@ -151,9 +152,10 @@ def _routers(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_upcycle_initialises_routers_as_the_authors_by_default(tiny_llama_dir, tmp_path):
-    default = _routers(upcycle(tiny_llama_dir, tmp_path / "xavier", num_experts=4, seed=7))
-    again = _routers(upcycle(tiny_llama_dir, tmp_path / "again", num_experts=4, seed=7))
-    normal = _routers(upcycle(tiny_llama_dir, tmp_path / "normal", num_experts=4, seed=7, router_init="normal"))
+    default = _routers(upcycle(tiny_llama_dir, tmp_path / "xavier", UpcycleSettings(num_experts=4, seed=7)))
+    again = _routers(upcycle(tiny_llama_dir, tmp_path / "again", UpcycleSettings(num_experts=4, seed=7)))
+    normal_init = UpcycleSettings(num_experts=4, seed=7, router_init="normal")
+    normal = _routers(upcycle(tiny_llama_dir, tmp_path / "normal", normal_init))
     hidden = next(iter(default.values())).shape[1]
     values = torch.cat([w.float().reshape(-1) for w in default.values()])
     expected = math.sqrt(2 / (hidden + 4))

@@ -13,7 +13,7 @@ import yaml
 from test_lm_eval import run_lm_eval
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moelpr.evaluation.bench import main as bench_main
+from moelpr.cli.bench import main as bench_main
 from moelpr.evaluation.score_intervals import task_score
 from moelpr_lab.corpora.tasks import completion_task_name, translation_task_name, write_helppage_tasks
 
@@ -268,7 +268,7 @@ def test_bench_rejects_mistakes_in_one_line(tiny_llama_dir, tmp_path, capsys):
         (["--model_path", str(tiny_llama_dir), "--benchmarks", "paper,mmlu"], "--benchmarks: choose from"),
         (["--model_path", f"a/b={tiny_llama_dir}"], "must be letters, digits"),
         (["--model_path", str(tiny_llama_dir), "--benchmarks", "helppages"], "needs --helppage_tasks"),
-        (["--model_path", str(tmp_path / "none")], "is not a checkpoint directory"),
+        (["--model_path", str(tmp_path / "none")], "is not a model directory"),
         (["--model_path", str(tiny_llama_dir), "--new", "hu,en"], "en is given as both new and old"),
         (["--model_path", str(tiny_llama_dir), "--flores_dir", str(tmp_path / "nope")], "directory not found"),
     ]

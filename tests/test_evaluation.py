@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moelpr  # noqa: F401  (registers the MoE-LPR model types)
+from moelpr.cli.eval import main as eval_main
 from moelpr.evaluation import evaluate_language, token_blocks
-from moelpr.evaluation.cli import main as eval_main
 from moelpr_lab.eval_report_check import check_report
 
 TEXTS = {
@@ -176,7 +176,7 @@ def test_eval_command_writes_the_report(tiny_llama_dir, upcycled_llama_dir, held
     "args,message",
     [
         (["--model", "nameonly"], "--model expects NAME=PATH, got 'nameonly'"),
-        (["--model", "a=/no/such/dir"], "--model a: /no/such/dir is not a checkpoint directory"),
+        (["--model", "a=/no/such/dir"], "--model a: /no/such/dir is not a model directory"),
         (["--heldout", "hu=/no/such.jsonl"], "--heldout hu: file not found: /no/such.jsonl"),
         (["--old_languages", "de"], "--old_languages names de, which no --heldout gives"),
         (["--heldout", "en=x"], "--heldout: LANG 'en' is given twice"),

@@ -17,7 +17,10 @@ from tiny_models import save_dense_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from moelpr.checkpoints.streaming import CheckpointReader
-from moelpr.export.transformers_moe import EXPORT_FAMILIES, ZERO_SHARED_EXPERT_SIZE, main
+from moelpr.cli.export import main
+from moelpr.export.families import EXPORT_FAMILIES
+from moelpr.export.qwen2_moe import ZERO_SHARED_EXPERT_SIZE
+from moelpr.upcycling.settings import UpcycleSettings
 from moelpr.upcycling.upcycle import upcycle
 
 NUM_LAYERS, NUM_EXPERTS, MOE_LAYERS, DENSE_LAYERS = 4, 4, (0, 2), (1, 3)
@@ -89,7 +92,9 @@ def _source_model(root: Path, family: str, tied: bool, top_k: int, seed: int, co
     tokenizer = AutoTokenizer.from_pretrained(dense)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(dense)
-    moe = upcycle(dense, root / "moelpr", num_experts=NUM_EXPERTS, top_k=top_k, moe_layers=list(MOE_LAYERS))
+    moe = upcycle(
+        dense, root / "moelpr", UpcycleSettings(num_experts=NUM_EXPERTS, top_k=top_k, moe_layers=list(MOE_LAYERS))
+    )
     _make_routing_matter(moe, seed)
     return moe
 

@@ -14,10 +14,11 @@ from test_plugin_e2e import changed, routing_log, weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moelpr.checkpoints.slim import ComposedCheckpoint
-from moelpr.evaluation.cli import main as eval_main
-from moelpr.export.transformers_moe import NO_STANDARD_FORMAT
-from moelpr.export.transformers_moe import main as export_main
+from moelpr.cli.eval import main as eval_main
+from moelpr.cli.export import main as export_main
+from moelpr.export.families import NO_STANDARD_FORMAT
 from moelpr.models import MOE_FAMILIES
+from moelpr.upcycling.settings import UpcycleSettings
 from moelpr.upcycling.upcycle import upcycle
 
 # LLaMA and Qwen2 go through the same steps in test_plugin_e2e.py, test_evaluation.py and test_export.py; a family
@@ -34,7 +35,7 @@ def _router_names(layers: list[int]) -> set[str]:
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_per_layer_moe_trains_both_stages_evaluates_and_exports_or_refuses(family, tiny_dense_dir, tmp_path, capsys):
     dense = tiny_dense_dir(family)
-    upcycled = upcycle(dense, tmp_path / "upcycled", num_experts=PER_LAYER_SPEC, top_k=2)
+    upcycled = upcycle(dense, tmp_path / "upcycled", UpcycleSettings(num_experts=PER_LAYER_SPEC, top_k=2))
     common = {"learning_rate": 1e-2, "max_steps": 2, "gradient_accumulation_steps": 1, "save_strategy": "no"}
     stage1 = train(tmp_path, "stage1", model_name_or_path=str(upcycled), moelpr_stage="post_pretrain",
                    dataset="new_hu", **common)
@@ -101,7 +102,7 @@ GEMMA3_TEXTS = [
 
 def test_gemma3_270m_upcycles_to_the_dense_function_and_trains_both_stages(gemma3_dense_dir, tmp_path):
     # Every layer upcycled: layers 0-8 with 2 experts, layers 9-17 with 4.
-    upcycled = upcycle(gemma3_dense_dir, tmp_path / "upcycled", num_experts="0-8:2,9-17:4", top_k=2)
+    upcycled = upcycle(gemma3_dense_dir, tmp_path / "upcycled", UpcycleSettings(num_experts="0-8:2,9-17:4", top_k=2))
     tokenizer = AutoTokenizer.from_pretrained(gemma3_dense_dir)
     batch = tokenizer(GEMMA3_TEXTS, padding=True, return_tensors="pt")  # padded: the short texts end in <pad>
     real = batch["attention_mask"].bool()

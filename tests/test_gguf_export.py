@@ -17,7 +17,8 @@ from test_export import _make_routing_matter
 from tiny_models import save_dense_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moelpr.export.transformers_moe import main
+from moelpr.cli.export import main
+from moelpr.upcycling.settings import UpcycleSettings
 from moelpr.upcycling.upcycle import upcycle
 from moelpr_lab.gguf.convert import convert_gguf, smollm2_gguf_path
 
@@ -66,7 +67,7 @@ def _tiny_moe(root, smollm2_dir, family, fields, top_k, moe_layers, tied, seed):
     for path in dense.glob("*token*"):
         path.unlink()
     tokenizer.save_pretrained(dense)
-    moe = upcycle(dense, root / "moelpr", num_experts=4, top_k=top_k, moe_layers=moe_layers)
+    moe = upcycle(dense, root / "moelpr", UpcycleSettings(num_experts=4, top_k=top_k, moe_layers=moe_layers))
     _make_routing_matter(moe, seed)
     return moe
 
@@ -148,7 +149,7 @@ def test_llama_cpp_computes_an_upcycled_smollm2(smollm2_dir, tmp_path):
     tensor perturbed by 0.05 of its standard deviation in place of training, exported as f32 and q8_0. The tiny
     models' perturbation (test_export.py: routers x2, noise of a whole standard deviation) saturates a real model's
     routers and turns its 30 layers into a chaotic function, which amplifies float32 rounding past any tolerance."""
-    moe = upcycle(smollm2_dir, tmp_path / "moelpr", num_experts=4, top_k=2, moe_layers="every:2")
+    moe = upcycle(smollm2_dir, tmp_path / "moelpr", UpcycleSettings(num_experts=4, top_k=2, moe_layers="every:2"))
     generator = torch.Generator().manual_seed(0)
     tensors = load_file(moe / "model.safetensors")
     for name, tensor in tensors.items():
@@ -175,7 +176,7 @@ REFUSALS = {
 def test_refusals_are_one_line_and_write_nothing(refusal, tmp_path, capsys):
     family, moe_layers, extra, file_name, reason = REFUSALS[refusal]
     dense = save_dense_model(tmp_path / "dense", family, num_layers=4)
-    source = upcycle(dense, tmp_path / "moelpr", num_experts=4, top_k=2, moe_layers=moe_layers)
+    source = upcycle(dense, tmp_path / "moelpr", UpcycleSettings(num_experts=4, top_k=2, moe_layers=moe_layers))
     out = tmp_path / "out" / file_name
     capsys.readouterr()  # the upcycle's progress bars
     assert main(["--model_path", str(source), "--output_path", str(out), "--format", "gguf", *extra]) == 2

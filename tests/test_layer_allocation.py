@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tiny_models import TOKENIZER_TEXT
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from moelpr.cli.layer_allocation import main
 from moelpr.models import MOE_FAMILIES
 from moelpr.upcycling.layer_allocation import (
     ALLOCATION_FILE,
@@ -21,7 +22,6 @@ from moelpr.upcycling.layer_allocation import (
     first_token_ids,
     layer_similarity,
     layer_spec,
-    main,
     measure_similarity,
     parse_auto_budget,
     read_corpora,
@@ -276,7 +276,7 @@ def test_bad_requests_get_one_clear_line(case, change, message, corpora, tiny_ll
 def test_upcycle_auto_budget_end_to_end(corpora, anisotropic_llama_dir, tmp_path, capsys):
     """`moelpr upcycle --num_experts auto:K`: the measured allocation becomes the checkpoint's layout, is saved
     beside it, and the upcycled model still computes the dense function."""
-    from moelpr.upcycling.upcycle import main
+    from moelpr.cli.upcycle import main
 
     out = tmp_path / "auto"
     args = ["--model_path", str(anisotropic_llama_dir), "--output_path", str(out), "--num_experts", "auto:5",

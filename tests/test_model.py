@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import moelpr
 from moelpr.models import MOE_FAMILIES
+from moelpr.upcycling.settings import UpcycleSettings
 from moelpr.upcycling.upcycle import upcycle
 
 torch.set_num_threads(2)
@@ -41,7 +42,8 @@ def test_upcycled_model_computes_the_dense_function(
     family, num_experts, top_k, moe_layers, expected_counts, tiny_dense_dir, tmp_path
 ):
     dense_dir = tiny_dense_dir(family)
-    out = upcycle(dense_dir, tmp_path / "moe", num_experts=num_experts, top_k=top_k, moe_layers=moe_layers, seed=3)
+    settings = UpcycleSettings(num_experts=num_experts, top_k=top_k, moe_layers=moe_layers, seed=3)
+    out = upcycle(dense_dir, tmp_path / "moe", settings)
     dense = AutoModelForCausalLM.from_pretrained(dense_dir)
     moe = AutoModelForCausalLM.from_pretrained(out)
     assert type(moe) is MOE_FAMILIES[family][1]
@@ -260,7 +262,7 @@ def test_lang_mask_of_the_wrong_shape_is_refused(llama_moe):
 
 
 def test_top1_routing_keeps_the_dense_function_and_lets_the_lm_loss_teach_the_router(tiny_llama_dir, tmp_path):
-    out = upcycle(tiny_llama_dir, tmp_path / "top1", num_experts=4, top_k=1, seed=5)
+    out = upcycle(tiny_llama_dir, tmp_path / "top1", UpcycleSettings(num_experts=4, top_k=1, seed=5))
     dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     moe = AutoModelForCausalLM.from_pretrained(out, router_aux_loss_coef=0.0, lpr_loss_coef=0.0)
     batch = _batch(dense.config.vocab_size)

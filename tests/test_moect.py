@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import moelpr
 from moelpr.models import MOE_FAMILIES, MoECTBlock, fusion_stats
+from moelpr.upcycling.settings import UpcycleSettings
 from moelpr.upcycling.upcycle import upcycle
 
 torch.set_num_threads(2)
@@ -50,7 +51,8 @@ def test_upcycled_moect_model_computes_the_dense_function(
     family, num_experts, top_k, moe_layers, tiny_dense_dir, tmp_path
 ):
     dense_dir = tiny_dense_dir(family)
-    out = upcycle(dense_dir, tmp_path / "ct", num_experts, top_k, moe_layers, seed=3, method="moe_ct")
+    settings = UpcycleSettings(num_experts=num_experts, top_k=top_k, moe_layers=moe_layers, seed=3, method="moe_ct")
+    out = upcycle(dense_dir, tmp_path / "ct", settings)
     assert json.loads((out / "config.json").read_text())["moe_method"] == "ct"
     dense = AutoModelForCausalLM.from_pretrained(dense_dir)
     moe = AutoModelForCausalLM.from_pretrained(out)

@@ -131,11 +131,15 @@ def test_lang_mask_needs_a_language_on_every_dataset(base_args, tmp_path):
     get_train_args({**args, "generate_lang_mask": False})  # stage 1 without the mask needs no language
 
 
-def test_version_check_names_the_supported_range(monkeypatch):
-    assert plugin.check_llamafactory_version() == "0.9.5"
-    monkeypatch.setattr(plugin, "version", lambda _: "0.9.4")
-    with pytest.raises(RuntimeError, match=r"supports llamafactory>=0.9.5,<0.9.6, but 0.9.4 is installed"):
-        plugin.check_llamafactory_version()
+def test_release_check_names_the_supported_releases(monkeypatch):
+    import importlib.metadata
+
+    plugin.check_releases()  # the installed stack is the checked one
+    installed = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.9.4" if name == "llamafactory" else installed(name))
+    with pytest.raises(plugin.UnsupportedReleaseError, match=r"supports llamafactory>=0.9.5,<0.9.6 with "
+                       r"transformers>=5.6,<5.7, and llamafactory 0.9.4 is installed"):
+        plugin.check_releases()
 
 
 def test_startup_hook_is_cheap_and_applies_the_plugin_to_llamafactory():
@@ -241,10 +245,12 @@ def test_moect_freeze_rules_with_tied_embeddings(tmp_path, train_embeddings):
     from transformers import AutoModelForCausalLM
 
     from moelpr.llamafactory_plugin.model import setup_moelpr_tuning
+    from moelpr.upcycling.settings import UpcycleSettings
     from moelpr.upcycling.upcycle import upcycle
 
     dense = save_dense_model(tmp_path / "dense", "qwen2", num_layers=2, tie_word_embeddings=True)
-    model = AutoModelForCausalLM.from_pretrained(upcycle(dense, tmp_path / "ct", moe_layers=[1], method="moe_ct"))
+    upcycled = upcycle(dense, tmp_path / "ct", UpcycleSettings(moe_layers=[1], method="moe_ct"))
+    model = AutoModelForCausalLM.from_pretrained(upcycled)
     setup_moelpr_tuning(model, "post_pretrain", upcast_trainable=False, train_embeddings=train_embeddings)
     trained = {name for name, param in model.named_parameters() if param.requires_grad}
     moe = {name for name, _ in model.named_parameters() if name.startswith("model.layers.1.mlp.")}

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from moelpr.checkpoints.fingerprint import CACHE_ENV, content_fingerprint, sampl
 from moelpr.checkpoints.merge import merge
 from moelpr.checkpoints.slim import MOE_BASE, REFERENCE_NAME, ComposedCheckpoint, SlimCheckpointError, write_reference
 from moelpr.checkpoints.streaming import CheckpointReader, ShardedWriter, TensorSpec
+from moelpr.upcycling.settings import UpcycleSettings
 from moelpr.upcycling.upcycle import upcycle
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
@@ -94,9 +96,9 @@ def chains(tiny_dense_dir, tmp_path_factory) -> dict[tuple[str, str], dict[str, 
         for method in ("moe_lpr", "moe_ct"):
             root = tmp_path_factory.mktemp(f"{family}_{method}")
             dense = shutil.copytree(tiny_dense_dir(family), root / "dense")
-            layout = {"moe_layers": "0,2", "method": method}
-            paths = {"dense": dense, "upcycled_whole": upcycle(dense, root / "upcycled_whole", **layout)}
-            paths["upcycled_slim"] = upcycle(dense, root / "upcycled_slim", slim=True, **layout)
+            settings = UpcycleSettings(moe_layers="0,2", method=method)
+            paths = {"dense": dense, "upcycled_whole": upcycle(dense, root / "upcycled_whole", settings)}
+            paths["upcycled_slim"] = upcycle(dense, root / "upcycled_slim", replace(settings, slim=True))
             whole, slim = save_stage(paths["upcycled_whole"], paths["upcycled_slim"], root, "post_pretrain", 1)
             if method == "moe_lpr":
                 whole, slim = save_stage(whole, slim, root, "review", 2)
@@ -156,8 +158,8 @@ def slim_upcycle(tiny_dense_dir, tmp_path_factory) -> dict[str, Path]:
     return {
         "root": root,
         "dense": dense,
-        "whole": upcycle(dense, root / "whole", moe_layers="0,2"),
-        "slim": upcycle(dense, root / "slim", moe_layers="0,2", slim=True),
+        "whole": upcycle(dense, root / "whole", UpcycleSettings(moe_layers="0,2")),
+        "slim": upcycle(dense, root / "slim", UpcycleSettings(moe_layers="0,2", slim=True)),
     }
 
 
@@ -254,7 +256,7 @@ def test_a_base_reached_through_symlinks_resolves_and_every_candidate_is_tried_i
     whole = tensors(slim_upcycle["whole"])
     # Written in written/, then moved to real/ (the absolute path is gone) and seen through view/slim, a symlink.
     written = shutil.copytree(slim_upcycle["root"], tmp_path / "written", ignore=shutil.ignore_patterns("whole"))
-    upcycle(written / "dense", written / "slim2", moe_layers="0,2", slim=True)
+    upcycle(written / "dense", written / "slim2", UpcycleSettings(moe_layers="0,2", slim=True))
     real = written.rename(tmp_path / "real")
     (tmp_path / "view").mkdir()
     (tmp_path / "view" / "slim").symlink_to(real / "slim2")

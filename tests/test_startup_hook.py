@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from moelpr.upcycling.settings import UpcycleSettings
 from moelpr.upcycling.upcycle import upcycle
 
 
@@ -24,7 +25,7 @@ def run_fresh(probe: str) -> str:
 def native_checkpoint(request, upcycled_llama_dir, tiny_qwen2_dir, tmp_path) -> tuple[Path, str]:
     if request.param == "llama":
         return upcycled_llama_dir, "LlamaMoELPR"
-    return upcycle(tiny_qwen2_dir, tmp_path / "moe", num_experts=4, top_k=2), "Qwen2MoELPR"
+    return upcycle(tiny_qwen2_dir, tmp_path / "moe", UpcycleSettings(num_experts=4, top_k=2)), "Qwen2MoELPR"
 
 
 def test_fresh_interpreter_opens_a_native_checkpoint_through_the_auto_classes(native_checkpoint):

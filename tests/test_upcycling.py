@@ -15,7 +15,9 @@ from tiny_models import save_dense_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moelpr.checkpoints.streaming import ShardedWriter, TensorSpec
-from moelpr.upcycling.upcycle import expert_layout, main, parse_layers, upcycle
+from moelpr.cli.upcycle import main
+from moelpr.upcycling.settings import UpcycleSettings, expert_layout, parse_layers
+from moelpr.upcycling.upcycle import upcycle
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -167,7 +169,7 @@ def test_expert_count_specs():
 
 
 def test_per_layer_expert_counts_reach_the_config_and_the_blocks(tiny_llama_dir, tmp_path):
-    out = upcycle(tiny_llama_dir, tmp_path / "moe", num_experts="0:2,2-3:3", top_k=2)
+    out = upcycle(tiny_llama_dir, tmp_path / "moe", UpcycleSettings(num_experts="0:2,2-3:3", top_k=2))
     config = json.loads((out / "config.json").read_text())
     assert (config["moe_layers"], config["num_experts"]) == ([0, 2, 3], [2, 3, 3])
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -184,8 +186,10 @@ def test_per_layer_expert_counts_reach_the_config_and_the_blocks(tiny_llama_dir,
 
 
 def test_sharded_output_equals_the_unsharded_one_bit_for_bit(tiny_llama_dir, tmp_path):
-    single = upcycle(tiny_llama_dir, tmp_path / "single", num_experts=3, seed=4)
-    sharded = upcycle(tiny_llama_dir, tmp_path / "sharded", num_experts=3, seed=4, max_shard_size="100KB")
+    single = upcycle(tiny_llama_dir, tmp_path / "single", UpcycleSettings(num_experts=3, seed=4))
+    sharded = upcycle(
+        tiny_llama_dir, tmp_path / "sharded", UpcycleSettings(num_experts=3, seed=4, max_shard_size="100KB")
+    )
     assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 5
     assert (sharded / "model.safetensors.index.json").is_file() and not (sharded / "model.safetensors").exists()
     single_model = AutoModelForCausalLM.from_pretrained(single)
@@ -204,7 +208,7 @@ def test_output_does_not_depend_on_how_the_dense_checkpoint_is_stored(tiny_llama
     for name in names:
         writer.write(name, dense[name])
     writer.finish()
-    outputs = [upcycle(path, tmp_path / name, num_experts=3, seed=9) for name, path in
+    outputs = [upcycle(path, tmp_path / name, UpcycleSettings(num_experts=3, seed=9)) for name, path in
                (("from_single", tiny_llama_dir), ("from_reordered_shards", reordered))]
     first, second = (load_file(out / "model.safetensors") for out in outputs)
     assert first.keys() == second.keys()
@@ -231,7 +235,7 @@ def test_generation_config_and_chat_template_are_kept(tiny_llama_dir, tmp_path):
 def test_tied_bf16_model_keeps_its_tied_embeddings_and_dtype(tmp_path):
     dense_dir = save_dense_model(tmp_path / "dense", dtype=torch.bfloat16, tie_word_embeddings=True)
     assert "lm_head.weight" not in load_file(dense_dir / "model.safetensors")
-    out = upcycle(dense_dir, tmp_path / "moe", num_experts=3, top_k=2)
+    out = upcycle(dense_dir, tmp_path / "moe", UpcycleSettings(num_experts=3, top_k=2))
     weights = load_file(out / "model.safetensors")
     assert "lm_head.weight" not in weights
     assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
@@ -264,7 +268,9 @@ def test_moect_method_writes_the_ffn_its_routed_copies_and_a_zero_fusion_layer(t
         assert moe[f"{prefix}fusion.weight"].shape == (2, 64) and f"{prefix}new_experts.2.up_proj.weight" not in moe
 
     # Per-layer counts: one routed expert is enough for MoE-CT.
-    per_layer = upcycle(tiny_qwen2_dir, tmp_path / "ct_per_layer", num_experts="0:1,2-3:2", method="moe_ct")
+    per_layer = upcycle(
+        tiny_qwen2_dir, tmp_path / "ct_per_layer", UpcycleSettings(num_experts="0:1,2-3:2", method="moe_ct")
+    )
     model = AutoModelForCausalLM.from_pretrained(per_layer)
     assert [len(layer.mlp.new_experts) if hasattr(layer.mlp, "new_experts") else None for layer in model.model.layers] == [
         1, None, 2, 2

@@ -3,9 +3,7 @@ uploading. Streamed like the upcycler: one tensor in memory at a time, whatever 
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -45,22 +43,3 @@ def merge(model_path: str | Path, output_path: str | Path, max_shard_size: int |
             if item.is_file() and not weights:
                 shutil.copy2(item, staging / item.name)
     return output_path
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write a slim moelpr checkpoint as a standalone whole checkpoint.")
-    parser.add_argument("--model_path", required=True, help="the slim (or whole) checkpoint directory")
-    parser.add_argument("--output_path", required=True, help="new directory for the whole checkpoint")
-    parser.add_argument("--max_shard_size", default=DEFAULT_MAX_SHARD_SIZE, help="largest weight file (default 5GB)")
-    args = parser.parse_args(argv)
-    try:
-        out = merge(args.model_path, args.output_path, args.max_shard_size)
-    except CheckpointError as error:
-        print(f"moelpr merge: error: {error}", file=sys.stderr)
-        return 2
-    print(f"Whole checkpoint written to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

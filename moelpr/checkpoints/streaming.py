@@ -25,6 +25,8 @@ from typing import BinaryIO
 import torch
 from tqdm import tqdm
 
+from ..errors import MoELPRUserError
+
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PYTORCH_WEIGHTS_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -51,7 +53,7 @@ _DTYPE_NAMES = {
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MoELPRUserError, ValueError):
     """A checkpoint directory whose weights cannot be read as expected."""
 
 

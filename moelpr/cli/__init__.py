@@ -9,18 +9,19 @@ import sys
 # Subcommand -> module whose ``main(argv) -> int`` runs it; imported only when chosen, because the
 # heavy imports (torch, transformers) should not slow down ``moelpr --help``.
 SUBCOMMANDS = {
-    "upcycle": ("moelpr.upcycling.upcycle", "upcycle a dense checkpoint into an MoE-LPR or MoE-CT model"),
+    "upcycle": ("moelpr.cli.upcycle", "upcycle a dense checkpoint into an MoE-LPR or MoE-CT model"),
     "export": (
-        "moelpr.export.transformers_moe",
+        "moelpr.cli.export",
         "write an MoE-LPR model as a standard Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint or a GGUF file",
     ),
-    "merge": ("moelpr.checkpoints.merge", "write a slim checkpoint (and its chain of bases) as one whole checkpoint"),
+    "merge": ("moelpr.cli.merge", "write a slim checkpoint (and its chain of bases) as one whole checkpoint"),
     "expand": (
-        "moelpr.upcycling.llama_pro",
+        "moelpr.cli.expand",
         "LLaMA-Pro block expansion of a dense checkpoint (identity-initialised blocks)",
     ),
-    "eval": ("moelpr.evaluation.cli", "per-language perplexity and routing report of one or more models"),
-    "bench": ("moelpr.evaluation.bench", "benchmark accuracy (ARC, HellaSwag, MMLU, Belebele, FLORES) in the paper's layout"),
+    "eval": ("moelpr.cli.eval", "per-language perplexity and routing report of one or more models"),
+    "bench": ("moelpr.cli.bench", "benchmark accuracy (ARC, HellaSwag, MMLU, Belebele, FLORES) in the paper's layout"),
+    "env": ("moelpr.cli.env", "versions, extras, plugin state and device, for a problem report"),
 }
 
 

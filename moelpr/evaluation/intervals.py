@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .errors import EvaluationError
+
 DEFAULT_SAMPLES = 2000
 DEFAULT_LEVEL = 0.95
 DEFAULT_SEED = 0
@@ -28,7 +30,7 @@ DEFAULT_SEED = 0
 Units = tuple[Sequence[float], Sequence[int]] | tuple[Sequence[float], Sequence[int], Sequence[str]]
 
 
-class MismatchedDocuments(ValueError):
+class MismatchedDocuments(EvaluationError):
     """Two models' samples compared as paired cover different documents."""
 
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .errors import EvaluationError
+
 # ``max_tokens`` is spread over at least this many documents where a language has them, so one long page cannot
 # fill a language's budget alone and leave its document-level interval nothing to resample.
 SPREAD_DOCUMENTS = 20
@@ -180,7 +182,7 @@ def evaluate_language(
     shorter, and it runs alone.
     """
     if not blocks:
-        raise ValueError("no held-out tokens to evaluate")
+        raise EvaluationError("no held-out tokens to evaluate")
     device = next(model.parameters()).device
     batches: list[list[Sequence[int]]] = []
     for block in blocks:

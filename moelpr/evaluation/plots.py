@@ -6,11 +6,18 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display on a server or in CI
-import matplotlib.pyplot as plt
 import numpy as np
+
+
+def _pyplot():
+    """matplotlib's pyplot, imported on first use (matplotlib comes with the 'eval' extra, which ``evaluate`` checks
+    before it runs a model), drawing to files only: no display on a server or in CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _annotated_heatmap(fig, ax, values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], title: str,
@@ -50,6 +57,7 @@ def routing_heatmap(routing: Mapping[str, Mapping], languages: Sequence[str], ol
         for m in models
     }
     prob_range = (min(p.min() for p in probs.values()), max(p.max() for p in probs.values()))
+    plt = _pyplot()
     fig, axes = plt.subplots(
         2, len(models), squeeze=False, layout="constrained",
         figsize=(max(5.0, 1.0 * len(languages) + 2.5) * len(models), 0.28 * num_layers + 0.5 * len(languages) + 3),
@@ -84,6 +92,7 @@ def loss_curves(runs: Mapping[str, Path], path: Path) -> dict[str, list[list[flo
         curves[name] = [[entry["step"], entry["loss"]] for entry in history if "loss" in entry and "step" in entry]
     if not curves:
         return curves
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, points in curves.items():
         steps, losses = zip(*points) if points else ((), ())

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..extras import require
 from ..jsonl_texts import iter_jsonl_texts
 from ..models.configuration import CT, LPR
 from ..tokenization import restore_add_bos_token
@@ -176,6 +177,7 @@ def evaluate(
     """Evaluate every model on every held-out language and write to ``output_dir``:
     ``perplexity.{md,json}``; for MoE models ``routing.json`` and ``routing_heatmap.png``; with ``runs``
     ``loss_curves.{png,json}``. Returns the perplexity report."""
+    require("eval", "matplotlib", purpose="moelpr eval (its plots)")
     output_dir.mkdir(parents=True, exist_ok=True)
     texts = {lang: read_texts(path, text_field) for lang, path in heldout.items()}
     ids = {lang: read_document_ids(path) for lang, path in heldout.items()}

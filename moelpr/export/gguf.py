@@ -20,7 +20,6 @@ every layer, so Qwen2-family models are refused; its Qwen3-MoE graph renormalise
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import os
 import shutil
@@ -30,8 +29,10 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from ..checkpoints.streaming import CheckpointError
-from .transformers_moe import EXPORT_FAMILIES, ExportError, ExportPlan, describe, plan_export, write_export
+from ..extras import require
+from .families import EXPORT_FAMILIES
+from .format import ExportError
+from .transformers_moe import ExportPlan, plan_export, write_export
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the pin in requirements.txt: converter and engine of one llama.cpp commit
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
@@ -91,7 +92,9 @@ def converter_dir() -> Path:
     with tempfile.TemporaryDirectory(prefix=".llama-cpp-sdist.", dir=cached.parent) as tmp:
         download = subprocess.run(
             [sys.executable, "-m", *PIP_DOWNLOAD.split(), "-d", tmp, "-q"],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         sdists = list(Path(tmp).glob(f"{SDIST_NAME}.tar.gz"))
         if download.returncode != 0 or not sdists:
@@ -103,10 +106,15 @@ def converter_dir() -> Path:
         staging = Path(tmp) / "converter"
         prefix = f"{SDIST_NAME}/vendor/llama.cpp/"
         with tarfile.open(sdists[0]) as sdist:
-            members = [m for m in sdist.getmembers() if m.name.startswith(prefix)
-                       and m.name[len(prefix):].split("/")[0] in CONVERTER_PATHS and (m.isfile() or m.isdir())]
+            members = [
+                m
+                for m in sdist.getmembers()
+                if m.name.startswith(prefix)
+                and m.name[len(prefix) :].split("/")[0] in CONVERTER_PATHS
+                and (m.isfile() or m.isdir())
+            ]
             for member in members:
-                member.name = member.name[len(prefix):]
+                member.name = member.name[len(prefix) :]
             sdist.extractall(staging, members=members, filter="data")
         shutil.rmtree(cached, ignore_errors=True)
         staging.rename(cached)
@@ -114,13 +122,8 @@ def converter_dir() -> Path:
 
 
 def _quantize(source: Path, target: Path, outtype: str) -> None:
-    try:
-        import llama_cpp
-    except ImportError:
-        raise ExportError(
-            f"--outtype {outtype} needs llama.cpp's quantizer: pip install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} "
-            "(builds llama.cpp once; needs cmake and g++)"
-        ) from None
+    import llama_cpp  # write_gguf has checked that it is installed
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = K_QUANTS[outtype]
     params.nthread = os.cpu_count() or 1
@@ -157,6 +160,8 @@ def write_gguf(plan: ExportPlan, output_path: str | os.PathLike, outtype: str) -
         raise ExportError(f"--output_path {output_path} should be a .gguf file")
     if output_path.exists():
         raise ExportError(f"--output_path {output_path} exists; choose a new file")
+    if outtype in K_QUANTS:  # llama.cpp's quantizer, through its Python binding
+        require("gguf", "llama_cpp", purpose=f"--outtype {outtype}")
     _check_engine_version()
     converter = converter_dir()
 
@@ -170,9 +175,18 @@ def write_gguf(plan: ExportPlan, output_path: str | os.PathLike, outtype: str) -
             convert_outtype = "f32" if outtype in K_QUANTS else outtype
             print(f"Converting with llama.cpp's convert_hf_to_gguf.py --outtype {convert_outtype}", file=sys.stderr)
             run = subprocess.run(
-                [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(checkpoint),
-                 "--outfile", str(converted), "--outtype", convert_outtype],
-                capture_output=True, text=True, check=False,
+                [
+                    sys.executable,
+                    str(converter / "convert_hf_to_gguf.py"),
+                    str(checkpoint),
+                    "--outfile",
+                    str(converted),
+                    "--outtype",
+                    convert_outtype,
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if run.returncode != 0 or not converted.is_file():
                 last = (run.stderr.strip().splitlines() or ["no output"])[-1]
@@ -195,25 +209,3 @@ def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
-
-
-def add_gguf_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--outtype",
-        choices=OUTTYPES,
-        default="f16",
-        help="with --format gguf: the GGUF's weight type (default: f16); k-quants are made from the f32 GGUF by "
-        "llama.cpp's quantizer",
-    )
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``moelpr export --format gguf``: export, print what was written, or one error line (exit status 2)."""
-    try:
-        plan = plan_gguf(args.model_path)
-        out = write_gguf(plan, args.output_path, args.outtype)
-    except (ExportError, CheckpointError) as error:
-        print(f"moelpr export: error: {error}", file=sys.stderr)
-        return 2
-    print(f"Exported {describe(plan)}\nas GGUF ({args.outtype}) to {out}")
-    return 0

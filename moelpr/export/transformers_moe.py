@@ -9,34 +9,39 @@ checkpoints (one tensor per expert), which is what vLLM, SGLang and llama.cpp's 
 standard MoE format and is refused, as is an export that the target would compute differently, before anything
 is written; see docs/export.md for what each engine serves.
 
+This module is what the formats share: planning (:func:`plan_export`), the tensor renames and the streamed writing.
+Each output architecture is a module of its own (:mod:`.mixtral`, :mod:`.qwen2_moe`, :mod:`.qwen3_moe`) behind the
+:class:`~.format.MoEFormat` interface; what each dense family exports as is in :mod:`.families`.
+
 The weights stream tensor by tensor from the source shards into the output shards, so a large model never
 sits whole in memory, and the output directory appears whole or not at all.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
-import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..checkpoints.model_dir import CONFIG_NAME, require_model_dir
 from ..checkpoints.slim import ComposedCheckpoint
 from ..checkpoints.streaming import (
-    CheckpointError,
     parse_size,
     staged_directory,
     write_derived_tensors,
 )
 from ..models import MOE_FAMILIES
 from ..models.moe import NEW_EXPERTS_NAME, ORIGINAL_EXPERT_NAME, ROUTER_NAME
+from . import mixtral, qwen2_moe, qwen3_moe
+from .families import EXPORT_FAMILIES, NO_STANDARD_FORMAT, ExportFamily
+from .format import FFN_TENSORS, ExportError, MoEFormat, head_dim
 
 # Copied byte for byte, so the export tokenizes, templates chats and generates as the source does.
 TOKENIZER_FILES = (
@@ -50,199 +55,12 @@ TOKENIZER_FILES = (
 )
 SIDECAR_FILES = (*TOKENIZER_FILES, "chat_template.jinja", "chat_template.json", "generation_config.json")
 
-FFN_TENSORS = ("gate_proj", "up_proj", "down_proj")
-
-# Size of Qwen2-MoE's shared expert, whose weights are all zero: Qwen2-MoE has one in every MoE layer, and it
-# must add exactly nothing. 256 is the smallest size that every engine takes: a multiple of llama.cpp's
-# largest quantisation block (QK_K = 256, along the rows of down_proj) and of any tensor-parallel degree.
-ZERO_SHARED_EXPERT_SIZE = 256
-
 _FFN_NAME = re.compile(r"model\.layers\.(\d+)\.mlp\.(.+)\.weight")
 _QKV_WEIGHT = re.compile(r"(model\.layers\.\d+\.self_attn\.[qkv]_proj)\.weight")
 
+# The output architectures, one module each behind the MoEFormat interface.
+FORMATS: dict[str, MoEFormat] = {fmt.name: fmt for fmt in (mixtral.FORMAT, qwen2_moe.FORMAT, qwen3_moe.FORMAT)}
 
-class ExportError(ValueError):
-    """A checkpoint or request that cannot be exported exactly; printed as one line."""
-
-
-@dataclass(frozen=True)
-class MoEFormat:
-    """A standard MoE architecture and where an MoE-LPR layer's tensors go in it."""
-
-    name: str
-    architecture: str
-    model_type: str
-    block: str  # module of a decoder layer that holds the router and the experts
-    router: str  # the router's name inside ``block``
-    expert_tensors: dict[str, str]  # FFN tensor -> its name inside one expert
-    qkv_bias: bool  # its attention has q/k/v biases (written as zeros for a family without them)
-    head_dim_from_hidden: bool  # engines take the head size to be hidden_size / num_attention_heads
-    dense_layers_as_mlp: bool  # True: dense layers stay plain MLPs; False: N equal experts under a zero router
-    zero_shared_expert: bool  # every MoE layer has a gated shared expert, written with all-zero weights
-    moe_config: Callable[[Any, int, list[int]], dict[str, Any]]  # (source config, experts, dense layers) -> fields
-    # config.json keys transformers 5 writes under another name than the public checkpoints (and engines built on
-    # transformers 4) read: transformers' name -> the public one.
-    public_config_keys: dict[str, str] = field(default_factory=dict)
-
-    def config_class(self) -> type:
-        from transformers import CONFIG_MAPPING
-
-        return CONFIG_MAPPING[self.model_type]
-
-
-def _head_dim(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def _mixtral_config(config: Any, num_experts: int, dense_layers: list[int]) -> dict[str, Any]:
-    # A Mistral window is carried over only when no position falls outside it (see _mistral_refusal).
-    return {
-        "num_local_experts": num_experts,
-        "head_dim": _head_dim(config),
-        "sliding_window": getattr(config, "sliding_window", None),
-    }
-
-
-def _qwen2_moe_config(config: Any, num_experts: int, dense_layers: list[int]) -> dict[str, Any]:
-    return {
-        "num_experts": num_experts,
-        "moe_intermediate_size": config.intermediate_size,
-        "shared_expert_intermediate_size": ZERO_SHARED_EXPERT_SIZE,
-        "norm_topk_prob": True,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": dense_layers,
-        "qkv_bias": True,
-        "use_sliding_window": False,
-        "max_window_layers": config.num_hidden_layers,
-    }
-
-
-def _qwen3_moe_config(config: Any, num_experts: int, dense_layers: list[int]) -> dict[str, Any]:
-    return {
-        "num_experts": num_experts,
-        "moe_intermediate_size": config.intermediate_size,
-        "norm_topk_prob": True,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": dense_layers,
-        "head_dim": config.head_dim,
-        "attention_bias": False,
-        "use_sliding_window": False,
-    }
-
-
-FORMATS: dict[str, MoEFormat] = {
-    "mixtral": MoEFormat(
-        name="mixtral",
-        architecture="MixtralForCausalLM",
-        model_type="mixtral",
-        block="block_sparse_moe",
-        router="gate",
-        expert_tensors={"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"},
-        qkv_bias=False,
-        head_dim_from_hidden=False,
-        dense_layers_as_mlp=False,
-        zero_shared_expert=False,
-        moe_config=_mixtral_config,
-    ),
-    "qwen2_moe": MoEFormat(
-        name="qwen2_moe",
-        architecture="Qwen2MoeForCausalLM",
-        model_type="qwen2_moe",
-        block="mlp",
-        router="gate",
-        expert_tensors={name: name for name in FFN_TENSORS},
-        qkv_bias=True,
-        head_dim_from_hidden=True,
-        dense_layers_as_mlp=True,
-        zero_shared_expert=True,
-        moe_config=_qwen2_moe_config,
-    ),
-    "qwen3_moe": MoEFormat(
-        name="qwen3_moe",
-        architecture="Qwen3MoeForCausalLM",
-        model_type="qwen3_moe",
-        block="mlp",
-        router="gate",
-        expert_tensors={name: name for name in FFN_TENSORS},
-        qkv_bias=False,
-        head_dim_from_hidden=False,
-        dense_layers_as_mlp=True,
-        zero_shared_expert=False,
-        moe_config=_qwen3_moe_config,
-        public_config_keys={"num_local_experts": "num_experts"},
-    ),
-}
-
-
-def _llama_refusal(config: Any) -> str | None:
-    if config.attention_bias:
-        return "attention_bias is set, and neither Mixtral nor Qwen2-MoE has biases on every attention projection"
-    if config.mlp_bias:
-        return "mlp_bias is set, and neither Mixtral's nor Qwen2-MoE's experts have biases"
-    return None
-
-
-def _qwen2_refusal(config: Any) -> str | None:
-    if config.use_sliding_window or "sliding_attention" in (config.layer_types or []):
-        return "it uses sliding-window attention, which vLLM's and llama.cpp's Qwen2-MoE do not implement"
-    return None
-
-
-def _qwen3_refusal(config: Any) -> str | None:
-    if config.use_sliding_window or "sliding_attention" in (config.layer_types or []):
-        return "it uses sliding-window attention, which vLLM's and llama.cpp's Qwen3-MoE do not implement"
-    if config.attention_bias:
-        return "attention_bias is set, and vLLM's Qwen3-MoE has no o_proj bias"
-    return None
-
-
-def _mistral_refusal(config: Any) -> str | None:
-    if config.sliding_window is not None and config.sliding_window < config.max_position_embeddings:
-        return (
-            f"sliding_window {config.sliding_window} is shorter than max_position_embeddings "
-            f"{config.max_position_embeddings}, and vLLM's and llama.cpp's Mixtral attend to every position"
-        )
-    return None
-
-
-@dataclass(frozen=True)
-class ExportFamily:
-    """What the export needs to know of a dense family: the formats that hold it and what they cannot hold."""
-
-    formats: tuple[str, ...]  # the first is the default
-    qkv_bias: bool  # its q/k/v projections have biases
-    refusal: Callable[[Any], str | None]  # a setting of the family no format holds, or None
-    not_exportable_as: dict[str, str] = field(default_factory=dict)  # format -> why not
-
-
-_QK_NORM = "attention has no q/k norms, which Qwen3's normalises queries and keys with"
-
-# Dense model_type -> how its MoE-LPR checkpoints export.
-EXPORT_FAMILIES: dict[str, ExportFamily] = {
-    "llama": ExportFamily(formats=("mixtral", "qwen2_moe"), qkv_bias=False, refusal=_llama_refusal),
-    "qwen2": ExportFamily(
-        formats=("qwen2_moe",),
-        qkv_bias=True,
-        refusal=_qwen2_refusal,
-        not_exportable_as={"mixtral": "Mixtral's attention has no q/k/v biases, which Qwen2's uses"},
-    ),
-    "qwen3": ExportFamily(
-        formats=("qwen3_moe",),
-        qkv_bias=False,
-        refusal=_qwen3_refusal,
-        not_exportable_as={"mixtral": f"Mixtral's {_QK_NORM}", "qwen2_moe": f"Qwen2-MoE's {_QK_NORM}"},
-    ),
-    "mistral": ExportFamily(formats=("mixtral", "qwen2_moe"), qkv_bias=False, refusal=_mistral_refusal),
-}
-
-# Dense model_type -> why no standard MoE format holds its MoE-LPR checkpoints.
-NO_STANDARD_FORMAT: dict[str, str] = {
-    "gemma3_text": (
-        "no standard MoE architecture computes Gemma 3's layers: Mixtral's and the Qwen MoEs' have neither its GELU "
-        "experts nor its pre- and post-feed-forward norms, and Gemma 4's MoE layers add a dense FFN beside the "
-        "experts; load the MoE-LPR checkpoint itself (transformers with moelpr installed)"
-    ),
-}
 
 # Source config fields every format takes unchanged.
 SHARED_CONFIG_FIELDS = (
@@ -309,9 +127,9 @@ def _setting_refusal(config: Any, family: ExportFamily, moe_format: MoEFormat) -
         return "it is quantized; export the full-precision checkpoint"
     if config.hidden_act != "silu":
         return f"hidden_act is {config.hidden_act!r}, and vLLM's and llama.cpp's MoE kernels apply SiLU"
-    if moe_format.head_dim_from_hidden and _head_dim(config) * config.num_attention_heads != config.hidden_size:
+    if moe_format.head_dim_from_hidden and head_dim(config) * config.num_attention_heads != config.hidden_size:
         return (
-            f"head_dim {_head_dim(config)} is not hidden_size / num_attention_heads, which vLLM's and llama.cpp's "
+            f"head_dim {head_dim(config)} is not hidden_size / num_attention_heads, which vLLM's and llama.cpp's "
             f"{moe_format.architecture} assume"
         )
     return family.refusal(config)
@@ -322,10 +140,8 @@ def plan_export(model_path: str | os.PathLike, format_name: str | None = None) -
     format); raises :class:`ExportError` with the reason otherwise. Reads only the config."""
     from transformers import AutoConfig
 
-    model_path = Path(model_path)
-    if not (model_path / "config.json").is_file():
-        raise ExportError(f"--model_path {model_path} is not a model directory (no config.json there)")
-    model_type = json.loads((model_path / "config.json").read_text()).get("model_type")
+    model_path = require_model_dir(model_path)
+    model_type = json.loads((model_path / CONFIG_NAME).read_text()).get("model_type")
     families = {config_class.model_type: dense for dense, (config_class, _) in MOE_FAMILIES.items()}
     if model_type not in families:
         raise ExportError(f"{model_path} is not an MoE-LPR checkpoint (model_type {model_type!r})")
@@ -414,11 +230,12 @@ def _added_tensors(plan: ExportPlan, name: str, tensor: torch.Tensor) -> Iterato
     if rest == "gate_proj" and not plan.target.dense_layers_as_mlp:
         # Equal experts compute the dense FFN whatever the router says (the top-k weights sum to one).
         yield f"{block}.{plan.target.router}.weight", tensor.new_zeros(plan.num_experts, hidden)
-    if rest == ROUTER_NAME and plan.target.zero_shared_expert:
+    size = plan.target.zero_shared_expert_size
+    if rest == ROUTER_NAME and size is not None:
         shared = f"{block}.shared_expert"
-        yield f"{shared}.gate_proj.weight", tensor.new_zeros(ZERO_SHARED_EXPERT_SIZE, hidden)
-        yield f"{shared}.up_proj.weight", tensor.new_zeros(ZERO_SHARED_EXPERT_SIZE, hidden)
-        yield f"{shared}.down_proj.weight", tensor.new_zeros(hidden, ZERO_SHARED_EXPERT_SIZE)
+        yield f"{shared}.gate_proj.weight", tensor.new_zeros(size, hidden)
+        yield f"{shared}.up_proj.weight", tensor.new_zeros(size, hidden)
+        yield f"{shared}.down_proj.weight", tensor.new_zeros(hidden, size)
         yield f"{block}.shared_expert_gate.weight", tensor.new_zeros(1, hidden)
 
 
@@ -496,7 +313,10 @@ def write_export(plan: ExportPlan, output_path: str | os.PathLike, max_shard_siz
         with staged_directory(output_path) as staging:
             names = reader.names()
             write_derived_tensors(
-                staging, reader, lambda get: export_tensors(plan, names, get), max_shard_bytes,
+                staging,
+                reader,
+                lambda get: export_tensors(plan, names, get),
+                max_shard_bytes,
                 desc=f"exporting to {plan.target.name}",
             )
             (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -519,48 +339,3 @@ def describe(plan: ExportPlan) -> str:
     elif plan.dense_layers:
         text += f"; dense layers {plan.dense_layers} stay dense (mlp_only_layers)"
     return text
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moelpr export",
-        description="Export an MoE-LPR checkpoint as a standard Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint, or as a "
-        "GGUF file for llama.cpp (see docs/export.md).",
-    )
-    parser.add_argument("--model_path", required=True, help="MoE-LPR checkpoint directory (upcycled or trained)")
-    parser.add_argument(
-        "--output_path", required=True, help="new directory for the exported checkpoint (a new .gguf file for gguf)"
-    )
-    parser.add_argument(
-        "--format",
-        choices=[*sorted(FORMATS), "gguf"],
-        default=None,
-        help="target architecture (default by family: "
-        + ", ".join(f"{family} -> {spec.formats[0]}" for family, spec in EXPORT_FAMILIES.items())
-        + "); gguf: one GGUF file made by llama.cpp's converter",
-    )
-    parser.add_argument("--max_shard_size", default="5GB", help="largest weight shard, e.g. 5GB, 500MB (default: 5GB)")
-    from .gguf import add_gguf_arguments
-
-    add_gguf_arguments(parser)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.format == "gguf":
-        from .gguf import run_cli
-
-        return run_cli(args)
-    try:
-        plan = plan_export(args.model_path, args.format)
-        out = write_export(plan, args.output_path, args.max_shard_size)
-    except (ExportError, CheckpointError) as error:
-        print(f"moelpr export: error: {error}", file=sys.stderr)
-        return 2
-    print(f"Exported {describe(plan)}\nto {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,13 +2,14 @@
 
 LLaMA-Factory has no plugin interface, so :func:`apply` replaces a handful of its functions and
 classes at the narrowest points that see what MoE-LPR needs (listed in :func:`_patch_table`). Every
-patch targets one LLaMA-Factory release series; :func:`apply` refuses any other version instead of
-patching code it has not been checked against.
+patch targets the LLaMA-Factory and transformers releases of ``PLUGIN_RELEASES``; :func:`apply` refuses any
+other release instead of patching code it has not been checked against.
 
 The ``moelpr-startup.pth`` startup hook installed with the package calls :func:`apply` as soon as
 ``llamafactory.train.tuner`` is imported, so the plain ``llamafactory-cli`` (and the ``torchrun``
 workers it launches) pick the plugin up without a wrapper command, and :func:`apply_webui` as soon as
-LlamaBoard's ``llamafactory.webui.interface`` is imported (``llamafactory-cli webui``).
+LlamaBoard's ``llamafactory.webui.interface`` is imported (``llamafactory-cli webui``). With other releases
+the hook calls neither and LLaMA-Factory runs without moelpr (see ``_moelpr_startup_hook``).
 """
 
 from __future__ import annotations
@@ -16,33 +17,28 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from packaging.specifiers import SpecifierSet
-from packaging.version import Version
+# The startup hook's module (installed with moelpr) holds the checked releases: it decides without importing moelpr.
+from _moelpr_startup_hook import PLUGIN_RELEASES, plugin_releases, releases_outside_plugin_ranges
 
-SUPPORTED_LLAMAFACTORY = ">=0.9.5,<0.9.6"
+from ..errors import MoELPRUserError
 
 _applied = False
 _webui_applied = False
 
 
-def check_llamafactory_version() -> str:
-    """The installed LLaMA-Factory version; raises if it is outside :data:`SUPPORTED_LLAMAFACTORY`."""
-    try:
-        installed = version("llamafactory")
-    except PackageNotFoundError:
-        raise RuntimeError(
-            f"moelpr's LLaMA-Factory plugin needs llamafactory{SUPPORTED_LLAMAFACTORY}, which is not installed."
-        ) from None
-    if Version(installed) not in SpecifierSet(SUPPORTED_LLAMAFACTORY):
-        raise RuntimeError(
-            f"moelpr's LLaMA-Factory plugin supports llamafactory{SUPPORTED_LLAMAFACTORY}, but {installed} is "
-            f"installed. Install a supported release (pip install 'llamafactory{SUPPORTED_LLAMAFACTORY}') or "
-            "uninstall moelpr."
+class UnsupportedReleaseError(MoELPRUserError):
+    """The installed LLaMA-Factory or transformers is a release the plugin was not checked against."""
+
+
+def check_releases() -> None:
+    """Raise :class:`UnsupportedReleaseError` unless the installed releases are those of ``PLUGIN_RELEASES``."""
+    outside = releases_outside_plugin_ranges()
+    if outside:
+        raise UnsupportedReleaseError(
+            f"moelpr's LLaMA-Factory plugin supports {plugin_releases()}, and {', '.join(outside)} is installed"
         )
-    return installed
 
 
 def _patch_table() -> list[tuple[str, str, Callable[[Any], Any]]]:
@@ -109,8 +105,9 @@ def _print_argument_errors_in_one_line() -> None:
     previous_hook = sys.excepthook
 
     def excepthook(exc_type: type[BaseException], exc: BaseException, traceback: Any) -> None:
-        # A slim checkpoint's missing or changed base is the user's to fix too (docs/checkpoints.md).
-        if issubclass(exc_type, (MoELPRArgumentError, SlimCheckpointError)):
+        # A slim checkpoint's missing or changed base is the user's to fix too (docs/checkpoints.md), and so is a
+        # missing extra.
+        if issubclass(exc_type, (MoELPRArgumentError, SlimCheckpointError, MoELPRUserError)):
             print(f"[moelpr] error: {exc}", file=sys.stderr)
         else:
             previous_hook(exc_type, exc, traceback)
@@ -123,7 +120,7 @@ def apply() -> None:
     global _applied
     if _applied:
         return
-    check_llamafactory_version()
+    check_releases()
     # Set before patching: importing llamafactory.train.tuner below fires the startup hook, which
     # calls apply() again.
     _applied = True
@@ -150,4 +147,4 @@ def _install(table: list[tuple[str, str, Callable[[Any], Any]]]) -> None:
         setattr(owner, name, make_replacement(getattr(owner, name)))
 
 
-__all__ = ["SUPPORTED_LLAMAFACTORY", "apply", "apply_webui", "check_llamafactory_version"]
+__all__ = ["PLUGIN_RELEASES", "UnsupportedReleaseError", "apply", "apply_webui", "check_releases"]

@@ -8,7 +8,9 @@ from typing import Any, Literal
 
 from llamafactory.extras.misc import has_tokenized_data
 from llamafactory.hparams import DataArguments, FinetuningArguments, ModelArguments, TrainingArguments
+from llamafactory.hparams.parser import read_args
 
+from moelpr.extras import require
 from moelpr.models.configuration import CT, LPR, LPR_LOSS_FORMS, METHOD_NAMES, PAPER
 
 from .data import LANG_MASK
@@ -350,6 +352,10 @@ def check_moelpr_args(
 
 def wrap_parse_train_args(parse: Callable[..., tuple[Any, ...]]) -> Callable[..., tuple[Any, ...]]:
     def parse_train_args(args: dict[str, Any] | list[str] | None = None) -> tuple[Any, ...]:
+        args = read_args(args)  # the recipe, as LLaMA-Factory's parser reads it
+        if isinstance(args, dict) and args.get("finetuning_type") == MOELPR and args.get("deepspeed"):
+            # Before parsing: transformers' arguments fail on a DeepSpeed config without DeepSpeed, in a traceback.
+            require("deepspeed", purpose="a moelpr recipe with `deepspeed:`")
         model_args, data_args, training_args, finetuning_args, generating_args = parse(args)
         check_moelpr_args(model_args, data_args, training_args, finetuning_args)
         return model_args, data_args, training_args, finetuning_args, generating_args

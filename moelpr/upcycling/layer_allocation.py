@@ -11,12 +11,9 @@ is in docs/layer_allocation.md.
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import json
 import math
-import sys
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -26,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..checkpoints.model_dir import require_model_dir
+from ..errors import MoELPRUserError
 from ..jsonl_texts import iter_jsonl_texts
 
 AUTO_PREFIX = "auto:"
@@ -36,7 +35,7 @@ DEFAULT_MAX_TOKENS = 20_000
 DEFAULT_MAX_LENGTH = 1024
 
 
-class AllocationError(ValueError):
+class AllocationError(MoELPRUserError, ValueError):
     """A user-facing problem with an ``auto:K`` request (budget, corpora, similarities)."""
 
 
@@ -50,7 +49,7 @@ def parse_auto_budget(spec: str) -> int | None:
     spec = spec.strip()
     if not spec.lower().startswith(AUTO_PREFIX):
         return None
-    value = spec[len(AUTO_PREFIX):].strip()
+    value = spec[len(AUTO_PREFIX) :].strip()
     if not value.isdigit() or int(value) < 1:
         raise AllocationError(f"--num_experts {spec!r}: auto:K needs a whole number K >= 1 of new experts to spread.")
     return int(value)
@@ -180,7 +179,9 @@ def layer_similarity(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Te
     if not new or not old:
         raise AllocationError("the similarity needs at least one new-language and one old-language corpus.")
 
-    def pair_means(keys: list[tuple[str, str]], group: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+    def pair_means(
+        keys: list[tuple[str, str]], group: Mapping[str, torch.Tensor]
+    ) -> dict[tuple[str, str], torch.Tensor]:
         return {(a, b): (new[a] * group[b]).sum(dim=-1) for a, b in keys}
 
     new_new_pairs = pair_means(list(combinations(new, 2)), new)
@@ -244,7 +245,10 @@ class LayerAllocation:
     def table(self) -> str:
         """Markdown table: layer, similarity (and its two parts), new experts, experts."""
         sim = self.similarity
-        lines = ["| layer | similarity | new-old | new-new | new experts | experts |", "|---:|---:|---:|---:|---:|---:|"]
+        lines = [
+            "| layer | similarity | new-old | new-new | new experts | experts |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
         for i, n in enumerate(self.new_experts):
             new_new = "" if sim.new_new is None else f"{sim.new_new[i]:.4f}"
             experts = f"{n + 1}" if n else "1 (dense)"
@@ -342,8 +346,13 @@ def allocate_measured(
     similarity = measure_similarity(model, corpora, batch_size)
     new_experts = allocate_new_experts(similarity.values, budget, layers)
     described = {
-        c.name: {"role": c.role, "path": str(c.path), "tokens": c.tokens, "documents": len(c.documents),
-                 "max_length": c.max_length}
+        c.name: {
+            "role": c.role,
+            "path": str(c.path),
+            "tokens": c.tokens,
+            "documents": len(c.documents),
+            "max_length": c.max_length,
+        }
         for c in corpora
     }
     return LayerAllocation(budget, similarity, new_experts, described)
@@ -382,6 +391,7 @@ def allocate_for_checkpoint(
     """:func:`allocate` for the dense checkpoint at ``model_path``; the corpora are read before the model loads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    require_model_dir(model_path)
     check_request(budget, new_corpora, old_corpora)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     corpora = read_corpora(tokenizer, new_corpora, old_corpora, max_tokens, max_length, text_field)
@@ -394,60 +404,3 @@ def write_allocation(allocation: LayerAllocation, directory: str | Path) -> Path
     path = Path(directory) / ALLOCATION_FILE
     path.write_text(json.dumps(allocation.to_dict(), indent=2) + "\n")
     return path
-
-
-def split_paths(value: str) -> list[Path]:
-    return [Path(p) for p in value.split(",") if p.strip()]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m moelpr.upcycling.layer_allocation",
-        description="Show how --num_experts auto:K would spread K new experts over a dense model's layers "
-        "(LayerMoE: fewer where old and new languages' FFN inputs are alike). Nothing is upcycled.",
-    )
-    parser.add_argument("--model_path", required=True, help="dense HF checkpoint directory")
-    parser.add_argument("--num_experts", required=True, help="auto:K, K = new experts to spread over the layers")
-    parser.add_argument("--new_corpus", type=split_paths, default=[], help="new-language jsonl file(s), comma-separated")
-    parser.add_argument("--old_corpus", type=split_paths, default=[], help="old-language jsonl file(s), comma-separated")
-    parser.add_argument("--max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                        help=f"tokens measured per corpus, from its start (default {DEFAULT_MAX_TOKENS:,}; the authors: 100,000)")
-    parser.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH,
-                        help=f"each document is cut to this many tokens (default {DEFAULT_MAX_LENGTH})")
-    parser.add_argument("--batch_size", type=int, default=8, help="documents per forward pass")
-    parser.add_argument("--text_field", default="text", help="jsonl field holding the text (default: text)")
-    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, ...)")
-    parser.add_argument("--output_dir", type=Path, default=None, help=f"also write {ALLOCATION_FILE} into this directory")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    start = time.perf_counter()
-    try:
-        budget = parse_auto_budget(args.num_experts)
-        if budget is None:
-            raise AllocationError(f"--num_experts must be auto:K here, got {args.num_experts!r}.")
-        if not (Path(args.model_path) / "config.json").is_file():
-            raise AllocationError(f"--model_path {args.model_path} is not a model directory (no config.json there).")
-        allocation = allocate_for_checkpoint(
-            args.model_path, budget, args.new_corpus, args.old_corpus, device=args.device,
-            max_tokens=args.max_tokens, max_length=args.max_length, batch_size=args.batch_size,
-            text_field=args.text_field,
-        )
-    except AllocationError as error:
-        print(f"moelpr layer_allocation: error: {error}", file=sys.stderr)
-        return 2
-    print(allocation.table())
-    tokens = ", ".join(f"{name} {info['tokens']:,}" for name, info in allocation.corpora.items())
-    print(f"\nTokens measured: {tokens}; {time.perf_counter() - start:.0f} s in all.")
-    print(f"MoE layers: {len(allocation.moe_layers)} of {len(allocation.new_experts)}; "
-          f"--num_experts {allocation.spec}")
-    if args.output_dir is not None:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        print(f"Written: {write_allocation(allocation, args.output_dir)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

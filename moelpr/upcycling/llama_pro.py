@@ -15,24 +15,23 @@ and the output directory appears whole or not at all.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..checkpoints.model_dir import CONFIG_NAME, require_model_dir
 from ..checkpoints.streaming import (
-    CheckpointError,
     CheckpointReader,
     parse_size,
     staged_directory,
     write_derived_tensors,
 )
+from ..errors import MoELPRUserError
 from .upcycle import TOKENIZER_FILES
 
 # Files beside the weights that belong to the expanded model too: tokenizer, chat template, generation defaults,
@@ -51,7 +50,7 @@ AUXILIARY_FILE_PATTERNS = (
 )
 
 
-class ExpansionError(ValueError):
+class ExpansionError(MoELPRUserError, ValueError):
     """A user-facing problem with the expansion request."""
 
 
@@ -99,9 +98,7 @@ def _divisors(number: int) -> list[int]:
 def _check_request(model_path: Path, output_path: Path, num_expand: int) -> tuple[dict, ExpansionFamily]:
     if num_expand < 1:
         raise ExpansionError(f"--num_expand must be at least 1, got {num_expand}.")
-    config_file = model_path / "config.json"
-    if not config_file.is_file():
-        raise ExpansionError(f"--model_path {model_path} is not a model directory (no config.json there).")
+    config_file = require_model_dir(model_path) / CONFIG_NAME
     config = json.loads(config_file.read_text())
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
@@ -216,35 +213,3 @@ def expand(
                     if path.is_file():
                         shutil.copy2(path, staging / path.name)
     return output_path
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moelpr expand",
-        description="LLaMA-Pro block expansion: insert N identity-initialised copies of decoder blocks, one after "
-        "each group of L/N layers, for LLaMA-Factory's `use_llama_pro` freeze training."
-    )
-    parser.add_argument(
-        "--model_path", required=True, help=f"dense HF checkpoint directory ({', '.join(sorted(FAMILIES))})"
-    )
-    parser.add_argument("--output_path", required=True, help="new directory for the expanded checkpoint")
-    parser.add_argument("--num_expand", type=int, required=True, help="blocks to add; must divide the layer count")
-    parser.add_argument("--max_shard_size", default="5GB", help="largest weight file written (default 5GB)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        out = expand(args.model_path, args.output_path, args.num_expand, args.max_shard_size)
-    except (ExpansionError, CheckpointError) as error:
-        print(f"moelpr expand: error: {error}", file=sys.stderr)
-        return 2
-    print(f"Expanded checkpoint written to {out}. Train only the new blocks with LLaMA-Factory:")
-    print(f"  model_name_or_path: {out}\n  finetuning_type: freeze\n  use_llama_pro: true")
-    print(f"  freeze_trainable_layers: {args.num_expand}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,13 +14,11 @@ upcycled layer's tensors (its N experts and router) or one other tensor at most,
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import math
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +26,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..checkpoints.model_dir import CONFIG_NAME, require_model_dir
 from ..checkpoints.slim import DENSE_BASE, write_reference
 from ..checkpoints.streaming import (
-    DEFAULT_MAX_SHARD_SIZE,
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     CheckpointError,
@@ -41,131 +39,26 @@ from ..checkpoints.streaming import (
     staged_directory,
 )
 from ..models import MOE_FAMILIES
-from ..models.configuration import CT, DEFAULT_EXPERTS, METHOD_NAMES
+from ..models.configuration import CT, DEFAULT_EXPERTS
 from .layer_allocation import (
-    DEFAULT_MAX_TOKENS,
-    AllocationError,
     allocate_for_checkpoint,
     check_request,
     parse_auto_budget,
-    split_paths,
     write_allocation,
 )
+from .settings import NORMAL, ROUTER_INITS, XAVIER, UpcycleSettings, UpcyclingError, expert_layout, parse_layers
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILES = ("config.json", SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, "pytorch_model.bin")
+MODEL_FILES = (CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 GENERATION_CONFIG_NAME = "generation_config.json"
 ADDING_A_FAMILY = "docs/adding_a_family.md"
 
 
-class UpcyclingError(ValueError):
-    """A user-facing problem with the upcycling request."""
-
-
-def parse_layers(spec: str | None, num_layers: int) -> list[int] | None:
-    """``None``/``"all"`` -> every layer; ``"0,2,5-7"`` -> those layers; ``"every:2"`` -> 0, 2, 4, ..."""
-    if spec is None or spec.strip().lower() == "all":
-        return None
-    spec = spec.strip()
-    try:
-        if spec.startswith("every:"):
-            layers = list(range(0, num_layers, int(spec.split(":", 1)[1])))
-        else:
-            layers = []
-            for part in spec.split(","):
-                start, _, end = part.partition("-")
-                layers.extend(range(int(start), int(end or start) + 1))
-    except ValueError:
-        raise UpcyclingError(f"--moe_layers {spec!r} is not 'all', 'every:K' or a list like '0,2,5-7'.") from None
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if not layers or bad:
-        raise UpcyclingError(f"--moe_layers {spec!r} names layers outside 0..{num_layers - 1}: {bad or 'none'}.")
-    return sorted(set(layers))
-
-
-def _minimum_experts(moe_method: str) -> tuple[int, str]:
-    """The smallest expert count of an upcycled layer, and why."""
-    if moe_method == CT:
-        return 1, "one routed expert beside the original FFN"
-    return 2, "the original FFN plus new experts"
-
-
-def parse_expert_counts(spec: str, num_layers: int, moe_method: str = "lpr") -> dict[int, int]:
-    """``"0-9:2,10-29:4"`` -> experts per upcycled layer (``"5:3"`` names one layer); layers left out stay dense."""
-    minimum, reason = _minimum_experts(moe_method)
-    counts: dict[int, int] = {}
-    for part in spec.split(","):
-        layers, _, count_text = part.strip().partition(":")
-        start_text, _, end_text = layers.partition("-")
-        try:
-            start, end, count = int(start_text), int(end_text or start_text), int(count_text)
-        except ValueError:
-            raise UpcyclingError(
-                f"--num_experts {spec!r}: {part.strip()!r} is not LAYERS:COUNT (per-layer counts look like "
-                "'0-9:2,10-29:4')."
-            ) from None
-        if not 0 <= start <= end < num_layers:
-            raise UpcyclingError(
-                f"--num_experts {spec!r}: {part.strip()!r} names layers outside 0..{num_layers - 1} "
-                "(or an empty range)."
-            )
-        if count < minimum:
-            raise UpcyclingError(
-                f"--num_experts {spec!r}: {part.strip()!r} gives {count} experts; an upcycled layer needs at least "
-                f"{minimum} ({reason})."
-            )
-        overlap = [i for i in range(start, end + 1) if i in counts]
-        if overlap:
-            raise UpcyclingError(f"--num_experts {spec!r}: layer(s) {overlap} fall in more than one range.")
-        counts.update(dict.fromkeys(range(start, end + 1), count))
-    return counts
-
-
-def expert_layout(
-    num_experts: int | str, moe_layers: list[int] | str | None, top_k: int, num_layers: int, moe_method: str = "lpr"
-) -> tuple[list[int] | None, int | list[int]]:
-    """``--num_experts`` (a count, or per-layer counts) and ``--moe_layers`` -> the config's ``moe_layers`` and
-    ``num_experts``. Per-layer counts that are all equal give a single count."""
-    text = str(num_experts).strip()
-    minimum, reason = _minimum_experts(moe_method)
-    if ":" not in text:
-        try:
-            count = int(text)
-        except ValueError:
-            raise UpcyclingError(
-                f"--num_experts {text!r} is neither a count (like 4) nor per-layer counts (like '0-9:2,10-29:4')."
-            ) from None
-        if count < minimum:
-            raise UpcyclingError(f"--num_experts must be at least {minimum} ({reason}), got {count}.")
-        if not 1 <= top_k <= count:
-            raise UpcyclingError(f"--topk must be between 1 and --num_experts ({count}), got {top_k}.")
-        if isinstance(moe_layers, list):
-            return parse_layers(",".join(map(str, moe_layers)), num_layers), count
-        return parse_layers(moe_layers, num_layers), count
-    if moe_layers is not None:
-        raise UpcyclingError(
-            f"--num_experts {text!r} names the upcycled layers itself; leave out --moe_layers ({moe_layers!r})."
-        )
-    counts = parse_expert_counts(text, num_layers, moe_method)
-    if not 1 <= top_k <= min(counts.values()):
-        raise UpcyclingError(
-            f"--topk must be between 1 and the smallest expert count in --num_experts ({min(counts.values())}), "
-            f"got {top_k}."
-        )
-    layers = sorted(counts)
-    per_layer = [counts[i] for i in layers]
-    if len(set(per_layer)) > 1:
-        return layers, per_layer
-    return (None if layers == list(range(num_layers)) else layers), per_layer[0]
-
-
 def _check_paths(model_path: Path, output_path: Path) -> str:
     """The dense model's ``model_type`` once the directories pass the checks."""
-    config_file = model_path / "config.json"
-    if not config_file.is_file():
-        raise UpcyclingError(f"--model_path {model_path} is not a model directory (no config.json there).")
+    config_file = require_model_dir(model_path) / CONFIG_NAME
     if not any((model_path / f).is_file() for f in TOKENIZER_FILES):
         raise UpcyclingError(f"--model_path {model_path} has no tokenizer files; the upcycled checkpoint needs them.")
     model_type = json.loads(config_file.read_text()).get("model_type")
@@ -210,12 +103,6 @@ def _expected_tensors(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 def _meta_rows(hidden_size: int, dtype: torch.dtype) -> Callable[[int], torch.Tensor]:
     return lambda n: torch.empty(n, hidden_size, dtype=dtype, device="meta")
-
-
-# How routers start: "xavier" is torch.nn.init.xavier_normal_ as the MoE-LPR authors' code applies it; "normal" is
-# the family's _init_weights (randn * initializer_range), this project's choice before the authors' was matched.
-XAVIER, NORMAL = "xavier", "normal"
-ROUTER_INITS = (XAVIER, NORMAL)
 
 
 def router_std(init: str, hidden_size: int, num_experts: int, initializer_range: float) -> float:
@@ -369,47 +256,21 @@ def write_upcycled(
                 bar.update()
 
 
-def upcycle(
-    model_path: str | Path,
-    output_path: str | Path,
-    num_experts: int | str | None = None,
-    top_k: int | None = None,
-    moe_layers: list[int] | str | None = None,
-    seed: int = 0,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    new_corpora: list[Path] | None = None,
-    old_corpora: list[Path] | None = None,
-    allocation_max_tokens: int = DEFAULT_MAX_TOKENS,
-    method: str = "moe_lpr",
-    router_init: str = XAVIER,
-    slim: bool = False,
-) -> Path:
+def upcycle(model_path: str | Path, output_path: str | Path, settings: UpcycleSettings | None = None) -> Path:
     """Write the upcycled checkpoint (weights, config, generation config, tokenizer) of the dense safetensors
-    checkpoint at ``model_path``.
-
-    ``method`` is ``"moe_lpr"`` or ``"moe_ct"``. ``num_experts`` is a count for every upcycled layer (``moe_layers``
-    picks them: ``None``/``"all"``, ``"every:K"``, ``"0,2,5-7"`` or a list) or per-layer counts like
-    ``"0-9:2,10-29:4"`` (layers left out stay dense), or ``"auto:K"`` (MoE-LPR only): K new experts spread over the
-    layers (``moe_layers`` the candidates) by the cross-lingual similarity of the dense model's hidden states on
-    ``new_corpora`` and ``old_corpora`` (LayerMoE; see :mod:`moelpr.upcycling.layer_allocation`), the measurement
-    saved as ``layer_allocation.json``. MoE-LPR counts the original FFN as expert 0, MoE-CT counts the routed experts only;
-    ``num_experts`` and ``top_k`` default to the method's (4 and 2 for MoE-LPR, 2 and 1 for MoE-CT). Weights are
-    written in shards of at most ``max_shard_size`` (``"5GB"``, bytes...). The output appears whole or not at all
-    (see :func:`~moelpr.checkpoints.streaming.staged_directory`). ``router_init`` is ``"xavier"`` (the MoE-LPR
-    authors' ``xavier_normal_``) or ``"normal"`` (``randn * initializer_range``); see :func:`router_std`. With
-    ``slim`` it holds the routers (and fusion layers) only, and a reference to ``model_path`` from which the experts
-    are copied at load time (docs/checkpoints.md).
+    checkpoint at ``model_path`` as ``settings`` ask (default: MoE-LPR with 4 experts, top-2, in every layer; see
+    :class:`~moelpr.upcycling.settings.UpcycleSettings`). An ``auto:K`` allocation is saved beside it as
+    ``layer_allocation.json``. The output appears whole or not at all (see
+    :func:`~moelpr.checkpoints.streaming.staged_directory`).
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    if method not in METHOD_NAMES:
-        raise UpcyclingError(f"--method must be one of {', '.join(METHOD_NAMES)}, got {method!r}.")
-    moe_method = METHOD_NAMES[method]
-    if router_init not in ROUTER_INITS:
-        raise UpcyclingError(f"--router_init must be one of {', '.join(ROUTER_INITS)}, got {router_init!r}.")
+    settings = settings or UpcycleSettings()
+    moe_method = settings.moe_method
     default_experts, default_top_k = DEFAULT_EXPERTS[moe_method]
-    num_experts = default_experts if num_experts is None else num_experts
-    top_k = default_top_k if top_k is None else top_k
+    num_experts = default_experts if settings.num_experts is None else settings.num_experts
+    top_k = default_top_k if settings.top_k is None else settings.top_k
+    moe_layers, new_corpora, old_corpora = settings.moe_layers, settings.new_corpora, settings.old_corpora
     model_path, output_path = Path(model_path), Path(output_path)
     model_type = _check_paths(model_path, output_path)
     budget = parse_auto_budget(str(num_experts))
@@ -428,15 +289,17 @@ def upcycle(
                 "so top-k can be at most 2."
             )
     try:
-        max_shard_bytes = parse_size(max_shard_size)
+        max_shard_bytes = parse_size(settings.max_shard_size)
     except CheckpointError as error:
         raise UpcyclingError(f"--max_shard_size: {error}.") from None
     dense_config = AutoConfig.from_pretrained(model_path)
     allocation = None
     if budget is not None:
-        candidates = parse_layers(moe_layers, dense_config.num_hidden_layers) if isinstance(moe_layers, str) else moe_layers
+        candidates = (
+            parse_layers(moe_layers, dense_config.num_hidden_layers) if isinstance(moe_layers, str) else moe_layers
+        )
         allocation = allocate_for_checkpoint(
-            model_path, budget, new_corpora, old_corpora, layers=candidates, max_tokens=allocation_max_tokens
+            model_path, budget, new_corpora, old_corpora, layers=candidates, max_tokens=settings.allocation_max_tokens
         )
         logger.info("LayerMoE allocation of %d new experts:\n%s", budget, allocation.table())
         num_experts, moe_layers = allocation.spec, None
@@ -453,22 +316,22 @@ def upcycle(
             steps = plan_upcycling(reader, config, model_class)
             with staged_directory(output_path) as staging:
                 block_class = model_class.moe_block_class(config)
-                if slim:
-                    tensors = new_block_tensors(reader, steps, config, block_class, seed, router_init)
+                if settings.slim:
+                    tensors = new_block_tensors(reader, steps, config, block_class, settings.seed, settings.router_init)
                     layout = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
                 else:
                     layout = [spec for step in steps for spec in step.outputs]
                 writer = ShardedWriter(staging, layout, max_shard_bytes)
                 try:
-                    if slim:
+                    if settings.slim:
                         for name, tensor in tensors.items():
                             writer.write(name, tensor)
                     else:
-                        write_upcycled(reader, steps, writer, config, block_class, seed, router_init)
+                        write_upcycled(reader, steps, writer, config, block_class, settings.seed, settings.router_init)
                 finally:
                     writer.close()
                 writer.finish()
-                if slim:
+                if settings.slim:
                     write_reference(staging, model_path, DENSE_BASE, final_dir=output_path)
                 config.save_pretrained(staging)
                 if (model_path / GENERATION_CONFIG_NAME).is_file():
@@ -479,77 +342,3 @@ def upcycle(
     except CheckpointError as error:  # an unreadable dense checkpoint (a truncated shard shows only when read)
         raise UpcyclingError(f"{error}.") from None
     return output_path
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=f"Upcycle a dense checkpoint ({', '.join(sorted(MOE_FAMILIES))}) into an MoE-LPR or MoE-CT model."
-    )
-    parser.add_argument("--model_path", required=True, help="dense HF checkpoint directory (safetensors weights)")
-    parser.add_argument("--output_path", required=True, help="new directory for the MoE checkpoint")
-    parser.add_argument(
-        "--method",
-        choices=list(METHOD_NAMES),
-        default="moe_lpr",
-        help="moe_lpr (default): the FFN becomes expert 0 of the routed experts; moe_ct: the FFN stays whole and "
-        "always active beside routed experts and a fusion layer (docs/moect.md)",
-    )
-    parser.add_argument(
-        "--num_experts",
-        default=None,
-        help="experts per MoE layer: for moe_lpr expert 0 = original FFN (default 4), for moe_ct the routed experts "
-        "beside the FFN (default 2); or per-layer counts like '0-9:2,10-29:4' (layers left out stay dense; not "
-        "with --moe_layers); or, for moe_lpr, 'auto:K': K new experts spread over the layers by the cross-lingual "
-        "similarity of hidden states on --new_corpus / --old_corpus (LayerMoE; --moe_layers then names the "
-        "candidate layers)",
-    )
-    parser.add_argument("--topk", type=int, default=None, help="experts per token (default 2 for moe_lpr, 1 for moe_ct)")
-    parser.add_argument(
-        "--moe_layers", default=None, help="'all' (default), 'every:K', or indices like '0,2,5-7'; other layers stay dense"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the router initialisation")
-    parser.add_argument(
-        "--router_init",
-        choices=list(ROUTER_INITS),
-        default=XAVIER,
-        help="xavier (default, the MoE-LPR authors'): std sqrt(2 / (hidden + num_experts)); normal: std = the "
-        "config's initializer_range (this project's initialisation before; the demo's figures were measured with it)",
-    )
-    parser.add_argument("--new_corpus", type=split_paths, default=None, metavar="FILE[,FILE]",
-                        help="with auto:K: jsonl texts ({\"text\": ...}) of the new languages, comma-separated")
-    parser.add_argument("--old_corpus", type=split_paths, default=None, metavar="FILE[,FILE]",
-                        help="with auto:K: jsonl texts of the languages the model already knows")
-    parser.add_argument("--allocation_max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                        help=f"with auto:K: tokens read from each corpus (default {DEFAULT_MAX_TOKENS})")
-    parser.add_argument(
-        "--slim",
-        action="store_true",
-        help="write only the routers (and MoE-CT's fusion layers) and a reference to --model_path; the experts are "
-        "copied from the dense model whenever the checkpoint loads (docs/checkpoints.md)",
-    )
-    parser.add_argument(
-        "--max_shard_size",
-        default=DEFAULT_MAX_SHARD_SIZE,
-        help=f"largest weight file written, as in save_pretrained (default {DEFAULT_MAX_SHARD_SIZE}; e.g. 2GB, 500MB)",
-    )
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        out = upcycle(
-            args.model_path, args.output_path, args.num_experts, args.topk, args.moe_layers, args.seed,
-            args.max_shard_size, args.new_corpus, args.old_corpus, args.allocation_max_tokens, method=args.method,
-            router_init=args.router_init,
-            slim=args.slim,
-        )
-    except (UpcyclingError, AllocationError) as error:
-        print(f"moelpr upcycle: error: {error}", file=sys.stderr)
-        return 2
-    print(f"Upcycled checkpoint written to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,8 @@
 """Accuracy tasks without a download: lm-eval tasks from the held-out LibreOffice help pages of the built corpora.
 
 The help is the same set of pages in every language, and held-out membership depends on the page only
-(:func:`moelpr_lab.corpora.build.is_heldout`), so every language's ``{code}_heldout.jsonl`` holds translations of the
-same pages, none of which any model trained on. Per language:
+(:func:`moelpr_lab.corpora.build.is_heldout`), so every language's ``{code}_heldout.jsonl`` holds translations of
+the same pages, none of which any model trained on. Per language:
 
 - ``helppages_completion_{code}``: HellaSwag's form. A paragraph of a page is cut in two at a word boundary near its
   middle; the model picks the true second half among it and three second halves of the closest length taken from
@@ -39,7 +39,7 @@ def _pick(key: str) -> int:
 
 
 def _pages(path: Path) -> dict[str, list[str]]:
-    """Held-out page id -> its paragraphs (``python -m moelpr_lab.corpora`` joins a help page's paragraphs with newlines)."""
+    """Held-out page id -> its paragraphs (the corpora builder joins a help page's paragraphs with newlines)."""
     pages = {}
     with path.open(encoding="utf-8") as handle:
         for line in handle:
