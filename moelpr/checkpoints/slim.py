@@ -148,7 +148,8 @@ def write_reference(
             raise SlimCheckpointError(f"the base checkpoint {base} is neither a directory nor a Hub model here")
         from transformers.utils.hub import extract_commit_hash
 
-        recorded, absolute, revision = str(base), None, extract_commit_hash(str(base_dir / "x"), None)
+        # A Hub model's files lie in .../snapshots/<commit>/, which names the commit they are from.
+        recorded, absolute, revision = str(base), None, extract_commit_hash(str(base_dir / "config.json"), None)
     reference = Reference(recorded, absolute, base_format, content_fingerprint(base_dir), base_revision=revision)
     (Path(directory) / REFERENCE_NAME).write_text(json.dumps(asdict(reference), indent=2) + "\n")
     return reference
