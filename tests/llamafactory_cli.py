@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parent.parent
 CLI = shutil.which("llamafactory-cli")
 
 
-def train(tmp_path: Path, name: str, env: dict[str, str] | None = None, **settings) -> Path:
-    """Run `llamafactory-cli train` on a tiny YAML recipe; return its output directory."""
+def write_recipe(tmp_path: Path, name: str, **settings) -> Path:
+    """A tiny YAML recipe (``settings`` over the defaults below) in ``tmp_path``, writing to ``tmp_path / name``."""
     recipe = {
         "stage": "pt",
         "do_train": True,
@@ -34,19 +34,26 @@ def train(tmp_path: Path, name: str, env: dict[str, str] | None = None, **settin
     recipe.update(settings)
     recipe_file = tmp_path / f"{name}.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe))
-    output_dir = Path(recipe["output_dir"])
-    run = _run(recipe_file, tmp_path, env)
+    return recipe_file
+
+
+def train(tmp_path: Path, name: str, env: dict[str, str] | None = None, **settings) -> Path:
+    """Run `llamafactory-cli train` on a tiny YAML recipe; return its output directory."""
+    recipe_file = write_recipe(tmp_path, name, **settings)
+    output_dir = Path(yaml.safe_load(recipe_file.read_text())["output_dir"])
+    run = launch(recipe_file, tmp_path, env)
     if run.returncode != 0 and _aborted_after_finishing(run, output_dir):
         # A native thread torn down at interpreter exit (a gloo run loop, pyarrow's pools) sometimes aborts a
         # process after the run has finished and written everything: seen once in CI under torchrun, never in 20
         # runs here. It is not this project's code; one clean rerun tells it from a real failure.
         shutil.rmtree(output_dir)
-        run = _run(recipe_file, tmp_path, env)
+        run = launch(recipe_file, tmp_path, env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     return output_dir
 
 
-def _run(recipe_file: Path, cwd: Path, env: dict[str, str] | None) -> subprocess.CompletedProcess:
+def launch(recipe_file: Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`llamafactory-cli train recipe_file`, whatever its outcome."""
     return subprocess.run(
         [CLI, "train", str(recipe_file)],
         check=False,

@@ -78,6 +78,10 @@ def _with_dataset_info(tmp_path: Path, language_of: dict[str, str | None]) -> st
         ({"upcast_layernorm": True}, "`upcast_layernorm` casts the frozen norm weights"),
         ({"mixture_of_depths": "convert"}, "`mixture_of_depths` rewrites the decoder layers"),
         ({"quantization_bit": 4}, "`quantization_bit` quantizes the frozen weights"),
+        (
+            {"push_to_hub": True, "hub_model_id": "me/stage1"},
+            "`push_to_hub` would upload slim checkpoints, .* set `moelpr_save_full: true` .* run `moelpr merge`",
+        ),
     ],
     ids=[
         "lpr_in_stage1",
@@ -95,11 +99,28 @@ def _with_dataset_info(tmp_path: Path, language_of: dict[str, str | None]) -> st
         "upcast_layernorm",
         "mixture_of_depths",
         "quantization_bit",
+        "push_slim_outputs",
     ],
 )
 def test_bad_settings_raise_a_clear_error(base_args, overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         get_train_args({**base_args, **overrides})
+
+
+def test_whole_outputs_may_be_pushed(base_args):
+    _, _, training_args, _, _ = get_train_args({**base_args, "push_to_hub": True, "moelpr_save_full": True})
+    assert training_args.push_to_hub
+
+
+def test_resume_from_an_incomplete_checkpoint_is_refused(base_args, tmp_path):
+    from moelpr.llamafactory_plugin.checkpoint_saves import saving_marker
+
+    for step in (1, 2):
+        (tmp_path / "out" / f"checkpoint-{step}").mkdir(parents=True)
+    saving_marker(tmp_path / "out" / "checkpoint-2").touch()  # what a run killed inside that save leaves
+    resume = str(tmp_path / "out" / "checkpoint-2")
+    with pytest.raises(ValueError, match=f"is incomplete: .* Resume from {tmp_path / 'out' / 'checkpoint-1'}"):
+        get_train_args({**base_args, "resume_from_checkpoint": resume})
 
 
 def test_dense_model_points_to_upcycling(base_args, tiny_llama_dir):

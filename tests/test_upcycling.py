@@ -173,7 +173,7 @@ def test_per_layer_expert_counts_reach_the_config_and_the_blocks(tiny_llama_dir,
     config = json.loads((out / "config.json").read_text())
     assert (config["moe_layers"], config["num_experts"]) == ([0, 2, 3], [2, 3, 3])
     model = AutoModelForCausalLM.from_pretrained(out)
-    counts = [getattr(layer.mlp, "num_experts", None) for layer in model.model.layers]
+    counts = [layer.mlp.router.out_features if hasattr(layer.mlp, "router") else None for layer in model.model.layers]
     assert counts == [2, None, 3, 3]
     assert model.model.layers[0].mlp.router.weight.shape == (2, 64)
     names = load_file(out / "model.safetensors")

@@ -3,19 +3,17 @@ it was made from (docs/checkpoints.md).
 
 A slim directory is an ordinary checkpoint directory (``config.json``, tokenizer, ``model.safetensors`` or shards)
 whose weights are a subset of the model's, with :data:`REFERENCE_NAME` beside them. The reference names the base
-checkpoint (a path relative to the slim directory, the absolute path it had when written, or a Hub id), says
+checkpoint (a path relative to the slim directory and its real path when written, or a Hub id), says
 whether the base is a MoE checkpoint (whole or slim itself: references chain) or the dense model an upcycled
-checkpoint was made from, and records the base's :func:`fingerprint`. :class:`ComposedCheckpoint` resolves the
+checkpoint was made from, and records a hash of the base's tensors (moelpr.checkpoints.fingerprint). :class:`ComposedCheckpoint` resolves the
 chain and gives every tensor of the full model, each read from the newest checkpoint of the chain that holds it;
 the tensors of a dense base are named (and copied into every expert) as ``moelpr upcycle`` would write them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import struct
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -24,13 +22,14 @@ from typing import Any
 
 import torch
 
+from .fingerprint import content_fingerprint, sampled_fingerprint
 from .streaming import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, CheckpointError, CheckpointReader, TensorSpec
 
 REFERENCE_NAME = "moelpr_reference.json"
-FORMAT_VERSION = 1
+# 2: the fingerprint hashes every byte (content_fingerprint); 1: it hashed samples (sampled_fingerprint).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MOE_BASE, DENSE_BASE = "moe", "dense"
-# Bytes hashed from the start, the middle and the end of every tensor's data by fingerprint().
-FINGERPRINT_SAMPLE_BYTES = 4096
 MAX_CHAIN_LENGTH = 64
 
 # Where the tensors of a model upcycled from a dense checkpoint come from, which only the upcycler knows (this layer
@@ -56,70 +55,80 @@ def is_slim_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / REFERENCE_NAME).is_file()
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / SAFE_WEIGHTS_INDEX_NAME
-    if index.is_file():
-        try:
-            return [model_dir / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{index} is not a safetensors index (no weight_map)") from None
-    if (model_dir / SAFE_WEIGHTS_NAME).is_file():
-        return [model_dir / SAFE_WEIGHTS_NAME]
-    raise CheckpointError(f"{model_dir} has no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}")
-
-
-def fingerprint(model_dir: str | os.PathLike) -> str:
-    """A hash of a checkpoint's weights that is cheap to compute whatever the model's size: every shard's header
-    (tensor names, dtypes, shapes, offsets) and three samples of :data:`FINGERPRINT_SAMPLE_BYTES` from the start,
-    middle and end of every tensor's data (about 12 KiB a tensor, some 12 MB for a 25B-parameter MoE).
-
-    It changes when a shard is replaced, when a tensor is added, removed, renamed, reshaped or retyped, and when
-    training or any edit changes a tensor's first, middle or last bytes (training changes nearly every element);
-    an edit confined to the unsampled bytes of a tensor goes unnoticed.
-    """
-    digest = hashlib.sha256()
-    for path in _weight_files(Path(model_dir)):
-        try:
-            with path.open("rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                header_bytes = handle.read(length)
-                entries = json.loads(header_bytes)
-                entries.pop("__metadata__", None)
-                digest.update(path.name.encode() + b"\0" + header_bytes)
-                for name in sorted(entries):
-                    start, end = entries[name]["data_offsets"]
-                    size = min(FINGERPRINT_SAMPLE_BYTES, end - start)
-                    for at in sorted({start, (start + end - size) // 2, end - size}):
-                        handle.seek(8 + length + at)
-                        digest.update(handle.read(size))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path} is missing") from None
-        except (struct.error, ValueError, KeyError, TypeError):
-            raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
-    return "sha256:" + digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class Reference:
     """What a slim checkpoint records about its base (the content of :data:`REFERENCE_NAME`)."""
 
     base: str  # a path relative to the slim directory, or a Hub id
-    base_absolute: str | None  # the base's absolute path when the slim checkpoint was written
+    base_absolute: str | None  # the base's real path when the slim checkpoint was written
     base_format: str  # MOE_BASE or DENSE_BASE
-    fingerprint: str
+    fingerprint: str  # format 2: content_fingerprint(); format 1: sampled_fingerprint()
     format_version: int = FORMAT_VERSION
+    base_revision: str | None = None  # the commit of a Hub base
 
 
-def _hub_snapshot(repo_id: str) -> Path | None:
-    """The local snapshot of a Hub model (downloaded if the Hub is reachable), or None when there is none."""
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
-        return None
+# from_pretrained's options that say where and how to fetch a Hub model's files.
+HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "token")
+
+
+def _hub_file(repo_id: str, filename: str, subfolder: str, options: dict[str, Any]) -> Path | None:
+    """One file of a Hub model, through transformers' own resolution (cache, offline mode, download), or None."""
+    from transformers.utils import cached_file
+
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
-    except Exception:  # noqa: BLE001 - offline, unknown repo, no access: all mean "not found" here
+        found = cached_file(
+            repo_id,
+            filename,
+            subfolder=subfolder,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **options,
+        )
+    except (OSError, ValueError):  # not a repo id, unknown repo, no access: no such file here
         return None
+    return Path(found) if found else None
+
+
+def locate_checkpoint(name: str, subfolder: str = "", **options: Any) -> Path | None:
+    """The local directory of a checkpoint named by a path or a Hub id (``subfolder`` inside it, ``options`` from
+    :data:`HUB_OPTIONS`), with its config and weight files fetched there; None when it is nowhere to be found."""
+    local = Path(name, subfolder)
+    if local.is_dir():
+        return local
+    index = _hub_file(name, SAFE_WEIGHTS_INDEX_NAME, subfolder, options)
+    if index is not None:
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise SlimCheckpointError(f"{index} is not a safetensors index (no weight_map)") from None
+        weights = [_hub_file(name, shard, subfolder, options) for shard in shards]
+    else:
+        weights = [_hub_file(name, SAFE_WEIGHTS_NAME, subfolder, options)]
+    if None in weights:
+        return None
+    for optional in ("config.json", "generation_config.json", REFERENCE_NAME):
+        _hub_file(name, optional, subfolder, options)
+    return weights[0].parent
+
+
+def find_slim_checkpoint(name: str | os.PathLike, subfolder: str = "", **options: Any) -> Path | None:
+    """The local directory of the slim checkpoint ``name`` (a directory or a Hub id, ``subfolder`` inside it) names,
+    its files fetched, or None when it is not a slim checkpoint."""
+    local = Path(name, subfolder)
+    if local.is_dir():
+        return local if is_slim_checkpoint(local) else None
+    if _hub_file(str(name), REFERENCE_NAME, subfolder, options) is None:
+        return None
+    found = locate_checkpoint(str(name), subfolder, **options)
+    if found is None:
+        raise SlimCheckpointError(f"slim checkpoint {name} ({subfolder or 'top folder'}) lacks its weight files")
+    return found
+
+
+def _recorded_path(base_dir: Path, final_dir: Path) -> tuple[str, str]:
+    """``base_dir`` relative to ``final_dir`` and absolute, both through symlinks (what the filesystem resolves)."""
+    real_base = os.path.realpath(base_dir)
+    return os.path.relpath(real_base, os.path.realpath(final_dir)), real_base
 
 
 def write_reference(
@@ -127,18 +136,21 @@ def write_reference(
 ) -> Reference:
     """Write the reference of the slim checkpoint being written in ``directory`` (which becomes ``final_dir`` when
     it is a staging directory) to its base: a local directory (recorded relative to ``final_dir`` and absolute) or
-    a Hub id."""
-    final_dir = Path(final_dir if final_dir is not None else directory).absolute()
-    local = Path(base)
-    if local.is_dir():
-        base_dir = local.absolute()
-        recorded, absolute = os.path.relpath(base_dir, final_dir), str(base_dir)
+    a Hub id (with its commit), with the base's :func:`content_fingerprint`."""
+    final_dir = Path(final_dir if final_dir is not None else directory)
+    revision = None
+    if Path(base).is_dir():
+        base_dir = Path(base)
+        recorded, absolute = _recorded_path(base_dir, final_dir)
     else:
-        base_dir = _hub_snapshot(str(base))
+        base_dir = locate_checkpoint(str(base))
         if base_dir is None:
             raise SlimCheckpointError(f"the base checkpoint {base} is neither a directory nor a Hub model here")
-        recorded, absolute = str(base), None
-    reference = Reference(recorded, absolute, base_format, fingerprint(base_dir))
+        from transformers.utils.hub import extract_commit_hash
+
+        # A Hub model's files lie in .../snapshots/<commit>/, which names the commit they are from.
+        recorded, absolute, revision = str(base), None, extract_commit_hash(str(base_dir / "config.json"), None)
+    reference = Reference(recorded, absolute, base_format, content_fingerprint(base_dir), base_revision=revision)
     (Path(directory) / REFERENCE_NAME).write_text(json.dumps(asdict(reference), indent=2) + "\n")
     return reference
 
@@ -150,35 +162,76 @@ def read_reference(slim_dir: str | os.PathLike) -> Reference:
         reference = Reference(**fields)
     except (ValueError, TypeError):
         raise SlimCheckpointError(f"{path} is not a moelpr reference file") from None
-    if reference.format_version != FORMAT_VERSION or reference.base_format not in (MOE_BASE, DENSE_BASE):
+    if reference.format_version not in READABLE_VERSIONS or reference.base_format not in (MOE_BASE, DENSE_BASE):
         raise SlimCheckpointError(f"{path} has a format this moelpr does not read (version {reference.format_version})")
     return reference
 
 
-def resolve_base(slim_dir: str | os.PathLike, reference: Reference | None = None) -> Path:
-    """The base directory of a slim checkpoint, checked against the recorded fingerprint: the relative path first
-    (outputs moved together), then the absolute one, then a Hub id. One-line errors name the path."""
+def _matches(base_dir: Path | None, reference: Reference) -> str | None:
+    """None when ``base_dir`` holds the tensors ``reference`` recorded, else why not."""
+    if base_dir is None:
+        return "not found"
+    if not base_dir.is_dir():
+        return "which is missing"
+    check = content_fingerprint if reference.format_version >= 2 else sampled_fingerprint
+    try:
+        found = check(base_dir)
+    except CheckpointError as error:
+        return f"unreadable: {error}"
+    return None if found == reference.fingerprint else "whose tensors changed since it was written"
+
+
+def _candidates(
+    slim_dir: Path, reference: Reference, options: dict[str, Any]
+) -> list[tuple[str, Callable[[], Path | None]]]:
+    """Where the base may be, in the order tried, each as its name and a way to get its local directory: the
+    relative path as the filesystem resolves it (through symlinks), then joined lexically (as a shell's `cd`),
+    then the recorded absolute path, then the Hub id."""
+    found: list[tuple[str, Callable[[], Path | None]]] = []
+    seen: set[str] = set()
+
+    def add(path: Path) -> None:
+        if os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
+            found.append((str(path), lambda: path))
+
+    if not Path(reference.base).is_absolute():
+        add(Path(os.path.realpath(slim_dir / reference.base)))
+        add(Path(os.path.normpath(slim_dir.absolute() / reference.base)))
+    if reference.base_absolute:
+        add(Path(reference.base_absolute))
+    if reference.base.count("/") == 1 and not reference.base.startswith((".", "/")):
+        hub_options = {**{k: v for k, v in options.items() if k != "revision"}, "revision": reference.base_revision}
+        name = f"Hub model {reference.base}" + (f"@{reference.base_revision[:12]}" if reference.base_revision else "")
+        found.append((name, lambda: locate_checkpoint(reference.base, **hub_options)))
+    return found
+
+
+def resolve_base(slim_dir: str | os.PathLike, reference: Reference | None = None, **options: Any) -> Path:
+    """The base directory of a slim checkpoint: the first candidate (:func:`_candidates`) that holds the tensors
+    the reference recorded. None matching is refused in one line that names every candidate and what was wrong.
+    ``options`` (:data:`HUB_OPTIONS` but the revision) reach a Hub base."""
     slim_dir = Path(slim_dir)
     reference = reference or read_reference(slim_dir)
-    candidates = [] if Path(reference.base).is_absolute() else [Path(os.path.normpath(slim_dir / reference.base))]
-    candidates += [Path(reference.base_absolute)] if reference.base_absolute else []
-    base_dir = next((path for path in candidates if path.is_dir()), None) or _hub_snapshot(reference.base)
-    if base_dir is None:
-        tried = " or ".join(str(path) for path in candidates) or reference.base
-        raise SlimCheckpointError(
-            f"slim checkpoint {slim_dir} refers to {tried}, which is missing; move the stage outputs together or "
-            f"restore it (or write whole checkpoints with `moelpr merge`)"
-        )
-    try:
-        found = fingerprint(base_dir)
-    except CheckpointError as error:
-        raise SlimCheckpointError(f"slim checkpoint {slim_dir} refers to {base_dir}, unreadable: {error}") from None
-    if found != reference.fingerprint:
-        raise SlimCheckpointError(
-            f"slim checkpoint {slim_dir} refers to {base_dir}, whose tensors changed since it was written "
-            f"(fingerprint {found[:19]}... is not the recorded {reference.fingerprint[:19]}...)"
-        )
-    return base_dir
+    tried = []
+    for name, get_dir in _candidates(slim_dir, reference, options):
+        base_dir = get_dir()
+        problem = _matches(base_dir, reference)
+        if problem is None:
+            return base_dir
+        tried.append(f"{name}, {problem}")
+    raise SlimCheckpointError(
+        f"slim checkpoint {slim_dir} refers to {' or '.join(tried)}; it loads only with the base it was trained "
+        f"from: restore that, or load it where its base is and write a whole checkpoint with "
+        f"`moelpr merge --model_path {slim_dir} --output_path <dir>`"
+    )
+
+
+def is_base_of(slim_dir: str | os.PathLike, name_or_path: str | os.PathLike, **options: Any) -> bool:
+    """Whether ``name_or_path`` (a directory or a Hub id) is the checkpoint a slim checkpoint was made from."""
+    base = resolve_base(slim_dir, **options)
+    named = locate_checkpoint(str(name_or_path), **{k: v for k, v in options.items() if k != "revision"})
+    return named is not None and os.path.realpath(named) == os.path.realpath(base)
 
 
 class _CopyOnRead:
@@ -208,8 +261,10 @@ class ComposedCheckpoint:
     FFN was, as ``moelpr upcycle`` writes them); a slim level replaces the tensors it holds.
     """
 
-    def __init__(self, model_dir: str | os.PathLike) -> None:
+    def __init__(self, model_dir: str | os.PathLike, **hub_options: Any) -> None:
+        """``hub_options`` (:data:`HUB_OPTIONS`) reach the bases named by Hub ids."""
         self.model_dir = Path(model_dir)
+        self._hub_options = hub_options
         self._readers = ExitStack()
         try:
             self._sources = self._compose(self.model_dir, [])
@@ -228,7 +283,7 @@ class ComposedCheckpoint:
         if len(chain) >= MAX_CHAIN_LENGTH or any(model_dir.resolve() == seen.resolve() for seen in chain):
             raise SlimCheckpointError(f"slim checkpoint {model_dir} refers back to itself through its chain of bases")
         reference = read_reference(model_dir)
-        base_dir = resolve_base(model_dir, reference)
+        base_dir = resolve_base(model_dir, reference, **self._hub_options)
         if reference.base_format == DENSE_BASE:
             sources = self._upcycled_sources(base_dir, model_dir, own_sources)
         else:

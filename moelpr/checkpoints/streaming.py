@@ -172,6 +172,11 @@ class CheckpointReader:
         """The shard file that holds a tensor."""
         return self.model_dir / self._entries[name][0]
 
+    def data_location(self, name: str) -> tuple[Path, int, int]:
+        """Where a tensor's raw bytes lie: its shard file, the offset of its data in it, and their length."""
+        shard, offset, spec = self._entries[name]
+        return self.model_dir / shard, offset, spec.nbytes
+
     def get(self, name: str) -> torch.Tensor:
         """The tensor, read into memory of its own with plain reads: a memory map (``safe_open``) would keep every
         page it read resident, and counted in the process's RSS, until the file is closed."""
@@ -305,8 +310,9 @@ def write_derived_tensors(
     """
     layout = [
         TensorSpec(name, tuple(tensor.shape), tensor.dtype)
-        for name, tensor in derive(lambda name: torch.empty(reader.spec(name).shape, dtype=reader.spec(name).dtype,
-                                                              device="meta"))
+        for name, tensor in derive(
+            lambda name: torch.empty(reader.spec(name).shape, dtype=reader.spec(name).dtype, device="meta")
+        )
     ]
     writer = ShardedWriter(directory, layout, max_shard_bytes)
     try:

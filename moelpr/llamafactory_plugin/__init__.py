@@ -47,7 +47,7 @@ def _patch_table() -> list[tuple[str, str, Callable[[Any], Any]]]:
     Names bound with ``from x import y`` are patched in the module that calls them, not where they
     are defined, so only the call sites MoE-LPR needs change.
     """
-    from . import data, hparams, model, trainer
+    from . import checkpoint_saves, data, hparams, model, trainer
 
     return [
         # Argument parsing: the moelpr keys and the checks that need all argument groups.
@@ -55,6 +55,8 @@ def _patch_table() -> list[tuple[str, str, Callable[[Any], Any]]]:
         ("llamafactory.hparams.parser", "_INFER_ARGS", hparams.extend_argument_classes),
         ("llamafactory.hparams.parser", "_EVAL_ARGS", hparams.extend_argument_classes),
         ("llamafactory.hparams.parser", "_parse_train_args", hparams.wrap_parse_train_args),
+        # A run started again resumes from its last checkpoint whose save finished (checkpoint_saves.py).
+        ("llamafactory.hparams.parser", "get_last_checkpoint", checkpoint_saves.wrap_get_last_checkpoint),
         # Data: the dataset's language travels with each row, then with each token through packing; packed
         # blocks start with bos for tokenizers that add one (transformers 5 hides that from LLaMA-Factory).
         ("llamafactory.data.parser", "DatasetAttr.join", data.wrap_dataset_attr_join),
@@ -98,16 +100,12 @@ def _webui_patch_table() -> list[tuple[str, str, Callable[[Any], Any]]]:
 def _print_argument_errors_in_one_line() -> None:
     """A moelpr setting the user must change is reported as one line, not as a stack trace; every other
     uncaught exception keeps the usual traceback."""
-    from moelpr.checkpoints.slim import SlimCheckpointError
-
-    from .hparams import MoELPRArgumentError
-
     previous_hook = sys.excepthook
 
     def excepthook(exc_type: type[BaseException], exc: BaseException, traceback: Any) -> None:
-        # A slim checkpoint's missing or changed base is the user's to fix too (docs/checkpoints.md), and so is a
-        # missing extra.
-        if issubclass(exc_type, (MoELPRArgumentError, SlimCheckpointError, MoELPRUserError)):
+        # A bad setting, a slim checkpoint's missing or changed base (docs/checkpoints.md), a missing extra and a full
+        # disk are all the user's to fix.
+        if issubclass(exc_type, MoELPRUserError):
             print(f"[moelpr] error: {exc}", file=sys.stderr)
         else:
             previous_hook(exc_type, exc, traceback)

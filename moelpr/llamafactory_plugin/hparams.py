@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -10,9 +11,11 @@ from llamafactory.extras.misc import has_tokenized_data
 from llamafactory.hparams import DataArguments, FinetuningArguments, ModelArguments, TrainingArguments
 from llamafactory.hparams.parser import read_args
 
+from moelpr.errors import MoELPRUserError
 from moelpr.extras import require
 from moelpr.models.configuration import CT, LPR, LPR_LOSS_FORMS, METHOD_NAMES, PAPER
 
+from .checkpoint_saves import is_incomplete, last_complete_checkpoint
 from .data import LANG_MASK
 from .model import MOELPR_MODEL_TYPES
 from .setting_values import LANGUAGES, MOELPR, OLD, POST_PRETRAIN, REVIEW
@@ -21,7 +24,7 @@ from .setting_values import LANGUAGES, MOELPR, OLD, POST_PRETRAIN, REVIEW
 METHOD_KEYS = {method: key for key, method in METHOD_NAMES.items()}
 
 
-class MoELPRArgumentError(ValueError):
+class MoELPRArgumentError(MoELPRUserError, ValueError):
     """A moelpr setting that cannot train correctly; the CLI prints it as one line (see :func:`one_line_errors`)."""
 
 
@@ -295,6 +298,12 @@ def _unsafe_options(
             "`label_smoothing_factor` makes the trainer compute its own loss from the logits, which drops the "
             "router losses (and fails on the missing labels); remove it."
         )
+    if training_args.push_to_hub and not finetuning_args.moelpr_save_full:
+        unsafe.append(
+            "`push_to_hub` would upload slim checkpoints, which hold only the tensors this stage trains and refer to "
+            "their base on this machine: set `moelpr_save_full: true` to push whole checkpoints, or train without "
+            "pushing, run `moelpr merge` on the output and upload the merged directory."
+        )
     if data_args.dataset_dir == "ONLINE":
         unsafe.append(
             '`dataset_dir: ONLINE` has no dataset_info.json to say each dataset\'s `"language"`; register the '
@@ -320,6 +329,14 @@ def check_moelpr_args(
     finetuning_args: MoELPRFinetuningArguments,
 ) -> None:
     """Reject moelpr settings that cannot train correctly, before anything is loaded."""
+    resume = training_args.resume_from_checkpoint
+    if resume and is_incomplete(resume):  # only moelpr runs mark their saves (checkpoint_saves.py)
+        last = last_complete_checkpoint(os.path.dirname(os.path.abspath(resume)))
+        raise MoELPRArgumentError(
+            f"`resume_from_checkpoint: {resume}` is incomplete: its run stopped while saving it. Resume from "
+            f"{last or 'an earlier checkpoint'}, or start again with the same command and no "
+            "`resume_from_checkpoint` to resume from the last complete checkpoint."
+        )
     if finetuning_args.finetuning_type != MOELPR:
         if data_args.generate_lang_mask:
             raise MoELPRArgumentError("`generate_lang_mask` only applies with `finetuning_type: moelpr`.")

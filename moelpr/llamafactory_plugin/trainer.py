@@ -14,8 +14,9 @@ from llamafactory.train.callbacks import LogCallback
 from llamafactory.train.pt.trainer import CustomTrainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from moelpr.checkpoints.slim import MOE_BASE, is_slim_checkpoint, resolve_base, write_reference
+from moelpr.checkpoints.slim import MOE_BASE, is_slim_checkpoint, read_reference, resolve_base, write_reference
 from moelpr.checkpoints.streaming import CheckpointReader
 from moelpr.models.configuration import CT
 from moelpr.models.modeling import micro_batch_share
@@ -29,8 +30,10 @@ from moelpr.models.statistics import (
     training_log_keys,
 )
 
+from .checkpoint_saves import marked_as_saving
 from .hparams import MoELPRArgumentError
 from .model import is_moelpr_model
+from .setting_values import MOELPR
 
 # LLaMA-Factory's library logger: LlamaBoard's log file handler sits on it.
 logger = logging.get_logger()
@@ -80,8 +83,10 @@ class MoELPRTrainer(CustomTrainer):
                 "smoothing computes another loss from the logits, and the router losses would get no gradient."
             )
         self._routing_meter = RoutingMeter(self.model.config.max_num_experts, self.args.device) if moe else None
-        # Slim saves refer to the checkpoint this run loaded (docs/checkpoints.md).
-        self._saves_slim = moe and not getattr(self.finetuning_args, "moelpr_save_full", False)
+        # Slim saves refer to the checkpoint this run loaded (docs/checkpoints.md). Other fine-tuning types of an
+        # upcycled model (LoRA, full, freeze) save and resume as LLaMA-Factory's own do.
+        self._moelpr_run = self.finetuning_args.finetuning_type == MOELPR
+        self._saves_slim = self._moelpr_run and not self.finetuning_args.moelpr_save_full
         self._base_checkpoint = self.model.config.name_or_path
 
     def compute_loss(
@@ -134,13 +139,24 @@ class MoELPRTrainer(CustomTrainer):
         super()._save(output_dir, {name: tensor for name, tensor in state_dict.items() if name in trained})
         write_reference(output_dir, self._base_checkpoint, MOE_BASE)
 
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        if not self._moelpr_run:
+            return super()._save_checkpoint(model, trial)
+        # Resuming skips a checkpoint whose save did not finish (checkpoint_saves.py).
+        checkpoint = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        with marked_as_saving(checkpoint, self.args.should_save, self.accelerator.wait_for_everyone):
+            super()._save_checkpoint(model, trial)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         if not is_slim_checkpoint(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         model = model if model is not None else self.model
-        base = resolve_base(resume_from_checkpoint)
+        reference = read_reference(resume_from_checkpoint)
+        base = resolve_base(resume_from_checkpoint, reference)
         loaded = Path(self._base_checkpoint)
-        if not loaded.is_dir() or base.resolve() != loaded.resolve():
+        # A Hub id loaded by this run is recorded as such (write_reference).
+        same = base.resolve() == loaded.resolve() if loaded.is_dir() else reference.base == self._base_checkpoint
+        if not same:
             raise MoELPRArgumentError(
                 f"`resume_from_checkpoint: {resume_from_checkpoint}` was trained from {base}, but this run loads "
                 f"`model_name_or_path: {self._base_checkpoint}`; resume with the model the run started from."

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,7 +11,7 @@ from transformers import GenerationConfig
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..checkpoints.slim import ComposedCheckpoint, is_slim_checkpoint
+from ..checkpoints.slim import HUB_OPTIONS, ComposedCheckpoint, find_slim_checkpoint
 from .configuration import CT
 from .moe import MoELPRSparseBlock
 from .moe_ct import MoECTBlock
@@ -88,15 +87,21 @@ class MoELPRForCausalLMMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """transformers' ``from_pretrained``; a slim checkpoint (docs/checkpoints.md) loads as the whole model it
-        stands for: its chain of bases is resolved and checked first, then every tensor is read from the checkpoint
-        of the chain that holds it, with the caller's ``dtype``, ``device_map`` and other options."""
-        if pretrained_model_name_or_path is None or not is_slim_checkpoint(pretrained_model_name_or_path):
+        stands for, whether a directory or a Hub id (``subfolder`` too): its chain of bases is resolved and checked
+        first, then every tensor is read from the checkpoint of the chain that holds it, with the caller's ``dtype``,
+        ``device_map`` and other options."""
+        hub_options = {key: kwargs[key] for key in HUB_OPTIONS if kwargs.get(key) is not None}
+        path = None
+        if pretrained_model_name_or_path is not None:
+            # A directory or a Hub id, and a subfolder of it, as transformers resolves them.
+            path = find_slim_checkpoint(pretrained_model_name_or_path, kwargs.get("subfolder") or "", **hub_options)
+        if path is None:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        path = Path(pretrained_model_name_or_path)
+        kwargs.pop("subfolder", None)  # path is the subfolder
         config = kwargs.pop("config", None)
         if config is None:
             config, kwargs = cls.config_class.from_pretrained(path, return_unused_kwargs=True, **kwargs)
-        with ComposedCheckpoint(path) as checkpoint, ExitStack() as files:
+        with ComposedCheckpoint(path, **hub_options) as checkpoint, ExitStack() as files:
             state_dict = checkpoint.lazy_state_dict(files)
             if is_deepspeed_zero3_enabled():  # ZeRO-3's loader takes tensors, not slices
                 state_dict = {name: value[:] for name, value in state_dict.items()}
