@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "eval": ("moelpr.evaluation.cli", "per-language perplexity and routing report of one or more models"),
     "bench": ("moelpr.evaluation.bench", "benchmark accuracy (ARC, HellaSwag, MMLU, Belebele, FLORES) in the paper's layout"),
     "corpora": ("moelpr.corpora.cli", "build the demo corpora from Debian's LibreOffice help and fortunes"),
+    "estimate": ("moelpr.cli.estimate", "GPU memory, disk and FLOPs of a training stage, from a config.json alone"),
 }
 
 
