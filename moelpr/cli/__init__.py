@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "eval": ("moelpr.cli.eval", "per-language perplexity and routing report of one or more models"),
     "bench": ("moelpr.cli.bench", "benchmark accuracy (ARC, HellaSwag, MMLU, Belebele, FLORES) in the paper's layout"),
     "env": ("moelpr.cli.env", "versions, extras, plugin state and device, for a problem report"),
+    "estimate": ("moelpr.cli.estimate", "GPU memory, disk and FLOPs of a training stage, from a config.json alone"),
 }
 
 
