@@ -205,7 +205,7 @@ def check(records: list[dict]) -> list[dict]:
         config.num_hidden_layers = layers
         shape = measure_shape(upcycled_config(config), setup)
         if run == "full":
-            shape = dataclasses.replace(shape, layers=[("full", 1.0, 1.0)] * layers)
+            shape = dataclasses.replace(shape, layers=[("full", 1.0, 1.0)] * layers, moe_layers=0)
         measured, estimated = (p1 - p0) / (t1 - t0), activation_bytes_per_token(shape, setup)
         out.append(
             {
@@ -244,7 +244,7 @@ def gpu_suite_estimate(work_dir: Path) -> list[dict]:
         shape = measure_shape(upcycled_config(read_config(config_file)), setup)
         trained = shape.trained
         if run == "full":
-            shape = dataclasses.replace(shape, layers=[("full", 1.0, 1.0)] * len(shape.layers))
+            shape = dataclasses.replace(shape, layers=[("full", 1.0, 1.0)] * len(shape.layers), moe_layers=0)
             trained = shape.dense_total
         activations = activation_bytes_per_token(shape, setup) * 8 * 1024
         out.append(
