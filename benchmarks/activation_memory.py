@@ -1,20 +1,25 @@
 """Peak memory of one training forward + backward per token, on the CPU: the activation factors of `moelpr estimate`.
 
     python benchmarks/activation_memory.py --model NAME=DENSE_DIR,MOE_DIR [--model ...] [--dtypes bf16]
-        [--batches 1,3] [--seq 512] [--layers 8,4] [--json OUT.jsonl]
+        [--batches 1,3] [--seq 512] [--layers 8,4] [--runs full,stage1,stage2] [--checkpointing off,on]
+        [--json OUT.jsonl]
+    python benchmarks/activation_memory.py --fit OUT.jsonl     # per-token slopes, then the estimate's factors
+    python benchmarks/activation_memory.py --check OUT.jsonl   # measured bytes per token against the estimate's
+    python benchmarks/activation_memory.py --gpu_suite         # the estimate for the GPU suite's step_time runs
 
 For every model, run (dense full fine-tuning on the dense model; MoE-LPR stage 1 and stage 2 on its upcycle),
-gradient checkpointing off and on (reentrant, as LLaMA-Factory enables it), all layers and half of them, and each
-batch size, it measures the peak resident memory (RSS) of a forward + backward above the RSS before it. The script
-runs itself again with glibc's mmap threshold fixed low (``MALLOC_MMAP_THRESHOLD_``): every tensor larger than
-16 KiB is then its own mapping, given back to the system when it is freed, so the RSS follows the live tensors
-(torch has no caching allocator on the CPU; ``tracemalloc`` does not see tensor memory). The peak is
-``VmHWM`` after resetting it through ``/proc/self/clear_refs``. A first pass allocates the gradients and the
-kernels' caches; the measured pass is the second, with the gradients still allocated (zeroed in place), so its peak
-above the start is what the pass itself holds: saved activations and the backward's transients.
+gradient checkpointing off and on (reentrant, as LLaMA-Factory enables it), layer count (the model is loaded with
+that many; default: all and half) and batch size, it measures the peak resident memory (RSS) of a forward +
+backward above the RSS before it. The script runs itself again with glibc's mmap threshold fixed low
+(``MALLOC_MMAP_THRESHOLD_``): every tensor larger than 16 KiB is then its own mapping, given back to the system when
+it is freed, so the RSS follows the live tensors (torch has no caching allocator on the CPU; ``tracemalloc`` does not
+see tensor memory). The peak is ``VmHWM`` after resetting it through ``/proc/self/clear_refs``. A warm-up pass
+allocates the gradients and the kernels' caches; two measured passes follow, with the gradients still allocated
+(zeroed in place), so a peak above the start is what the pass itself holds: saved activations and the backward's
+transients. The larger of the two is kept.
 
-Printed, one JSON line per measurement; ``--fit`` then prints the per-token slopes and the factors
-``moelpr.estimate`` uses (benchmarks/README.md has the figures and how they were read).
+Printed (and appended to ``--json``), one JSON line per measurement. benchmarks/README.md has the figures, how they
+were read into ``moelpr.estimate``'s factors, and the estimate's error.
 """
 
 from __future__ import annotations
@@ -205,7 +210,7 @@ def check(records: list[dict]) -> list[dict]:
         config.num_hidden_layers = layers
         shape = measure_shape(upcycled_config(config), setup)
         if run == "full":
-            shape = dataclasses.replace(shape, layers=[("full", 1.0, 1.0)] * layers)
+            shape = dataclasses.replace(shape, layers=[("full", 1.0, 1.0)] * layers, moe_layers=0)
         measured, estimated = (p1 - p0) / (t1 - t0), activation_bytes_per_token(shape, setup)
         out.append(
             {
@@ -244,7 +249,7 @@ def gpu_suite_estimate(work_dir: Path) -> list[dict]:
         shape = measure_shape(upcycled_config(read_config(config_file)), setup)
         trained = shape.trained
         if run == "full":
-            shape = dataclasses.replace(shape, layers=[("full", 1.0, 1.0)] * len(shape.layers))
+            shape = dataclasses.replace(shape, layers=[("full", 1.0, 1.0)] * len(shape.layers), moe_layers=0)
             trained = shape.dense_total
         activations = activation_bytes_per_token(shape, setup) * 8 * 1024
         out.append(

@@ -5,10 +5,10 @@ upcycled with the given experts, or an upcycled one's), so every family's shapes
 
 - Model states follow DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs`` and
   ``estimate_zero3_model_states_mem_needs`` in deepspeed 0.16.4), applied to what the stage trains: bytes per
-  trained parameter 2 (16-bit gradient) + 4 (fp32 gradient) + 4 (fp32 master weight) + 8 (Adam's two moments),
-  partitioned over the GPUs; every parameter's 16-bit weight, replicated under ZeRO-2 and partitioned under
-  ZeRO-3, where the largest unit gathered at once (an MoE block is one ZeRO-3 leaf module here) adds its 16-bit
-  weight and gradient. Without DeepSpeed (ZeRO "0": one GPU or DDP), LLaMA-Factory keeps the trained tensors in
+  trained parameter 2 (16-bit gradient, ZeRO-2 only) + 4 (fp32 gradient) + 4 (fp32 master weight) + 8 (Adam's two
+  moments), partitioned over the GPUs; every parameter's 16-bit weight, replicated under ZeRO-2 and partitioned
+  under ZeRO-3, where the largest unit gathered at once (an MoE block is one ZeRO-3 leaf module here) adds its
+  16-bit weight and gradient. Without DeepSpeed (ZeRO "0": one GPU or DDP), LLaMA-Factory keeps the trained tensors in
   fp32 beside the 16-bit frozen ones and the trainer's AdamW holds two fp32 moments.
 - Activations come from per-token factors measured on the CPU (``benchmarks/activation_memory.py``; the figures
   and the estimate's error against measured peaks are in benchmarks/README.md).
@@ -22,6 +22,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
 
 from .errors import MoELPRUserError
 from .models import MOE_FAMILIES
@@ -46,11 +49,14 @@ LAYER_FACTORS: dict[int, dict[str, tuple[float, float]]] = {
     2: {"full": (11.07, 4.01), "experts": (12.30, 3.84), "routers": (11.07, 3.02)},
     4: {"full": (8.66, 4.00), "experts": (10.64, 3.76), "routers": (9.08, 2.96)},
 }
-# With gradient checkpointing a layer keeps this many hidden_size-wide elements per token (its input; an MoE layer
-# about twice that), and the peak comes either in the loss's backward (the head's memory) or while the backward
-# recomputes a layer (its tensors and their gradients: up to this factor times the layer's kept tensors).
-CHECKPOINTED_FACTORS = {"full": 1.0, "experts": 2.0, "routers": 2.0}
+# With gradient checkpointing each layer keeps its input (CHECKPOINTED_FACTOR hidden_size-wide elements per token)
+# until its backward, and the peak comes either in the loss's backward (the head's memory) or while the backward
+# recomputes a layer: up to RECOMPUTED_LAYER_FACTOR times the layer's kept tensors, their gradients included. By
+# then each MoE layer recomputed before holds one more hidden_size-wide tensor per token, kept until the step ends
+# by its routing record (the recomputed router logits and their graph): tiny models, whose head is small, peak there.
+CHECKPOINTED_FACTOR = 1.0
 RECOMPUTED_LAYER_FACTOR = 1.3
+RETAINED_AFTER_RECOMPUTE = 1.0
 # The LM head and the loss, bytes per token and vocabulary entry, in either dtype: the logits, their fp32 copy for
 # the loss and its gradient; and the rest of the model (the embeddings' output, the final norm), hidden_size-wide
 # elements per token.
@@ -119,6 +125,7 @@ class Shape:
     attention_width: int  # query heads x head size: causal attention costs 2 * cutoff * this FLOPs per token per layer
     layers: list[tuple[str, float, float]]  # per decoder layer: what it trains (a key of LAYER_FACTORS), the share
     # of its attention part and the FFNs per token that keep tensors for the backward
+    moe_layers: int
     hidden_size: int
     intermediate_size: int
     vocab_size: int
@@ -138,10 +145,8 @@ class Estimate:
         return json.dumps(asdict(self), indent=2)
 
 
-def read_config(path: str | Path):
+def read_config(path: str | Path) -> PretrainedConfig:
     """The (dense or upcycled) config at ``path``: a ``config.json`` file or a model directory holding one."""
-    from transformers import AutoConfig
-
     path = Path(path)
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
@@ -163,12 +168,12 @@ def read_config(path: str | Path):
 
 
 def upcycled_config(
-    config,
+    config: PretrainedConfig,
     method: str | None = None,
     num_experts: int | list[int] | None = None,
     top_k: int | None = None,
     moe_layers: list[int] | None = None,
-):
+) -> PretrainedConfig:
     """The MoE config a dense ``config`` upcycles to (``moelpr upcycle``'s defaults for what is not given); an
     upcycled config is returned as it is, and giving it other expert settings is an error."""
     is_upcycled = config.model_type not in MOE_FAMILIES
@@ -196,10 +201,8 @@ def upcycled_config(
         raise EstimateError(str(error)) from None
 
 
-def measure_shape(config, setup: Setup) -> Shape:
+def measure_shape(config: PretrainedConfig, setup: Setup) -> Shape:
     """Parameter counts and per-token work of the upcycled model of ``config`` (an MoE config) in ``setup``'s stage."""
-    import torch
-
     model_class = next(model for config_class, model in MOE_FAMILIES.values() if isinstance(config, config_class))
     with torch.device("meta"):
         model = model_class(config)
@@ -278,6 +281,7 @@ def measure_shape(config, setup: Setup) -> Shape:
         largest_gathered_trained=sum(p.numel() for p in largest if id(p) in trained),
         attention_width=config.num_attention_heads * head_dim,
         layers=layers,
+        moe_layers=len(blocks),
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
         vocab_size=config.vocab_size,
@@ -350,8 +354,9 @@ def activation_bytes_per_token(shape: Shape, setup: Setup) -> float:
     rest = weight * REST_FACTOR * shape.hidden_size
     if not setup.gradient_checkpointing:
         return sum(per_layer) + head + rest
-    kept = sum(weight * CHECKPOINTED_FACTORS[trains] * shape.hidden_size for trains, _, _ in shape.layers)
-    return kept + max(head, RECOMPUTED_LAYER_FACTOR * max(per_layer)) + rest
+    kept = len(shape.layers) * weight * CHECKPOINTED_FACTOR * shape.hidden_size
+    retained = shape.moe_layers * weight * RETAINED_AFTER_RECOMPUTE * shape.hidden_size
+    return kept + max(head, retained + RECOMPUTED_LAYER_FACTOR * max(per_layer)) + rest
 
 
 def flops_per_token(shape: Shape, setup: Setup) -> dict[str, float]:
@@ -422,7 +427,7 @@ def format_table(result: Estimate) -> str:
         return f"{n / 1e9:,.2f} B" if n >= 1e8 else f"{n / 1e6:,.2f} M"
 
     def gib(n: float) -> str:
-        return f"{n / GIB:,.1f} GiB"
+        return f"{n / GIB:,.1f} GiB" if n >= GIB else f"{n / 2**20:,.1f} MiB"
 
     rows = [
         ("parameters: total (dense model)", f"{params(shape.total)} ({params(shape.dense_total)})"),
@@ -440,6 +445,17 @@ def format_table(result: Estimate) -> str:
         ("training FLOPs: this stage / dense full training", f"{flops['ratio']:.2f}x"),
     ]
     width = max(len(label) for label, _ in rows)
-    lines = [f"Estimate: {result.description}", "", f"| {'':<{width}} | value |", f"|{'-' * (width + 2)}|------:|"]
-    lines += [f"| {label:<{width}} | {value} |" for label, value in rows]
+    value_width = max(len(value) for _, value in rows)
+    lines = [
+        f"Estimate: {result.description}",
+        "",
+        f"| {'':<{width}} | {'estimate':>{value_width}} |",
+        f"|{'-' * (width + 2)}|{'-' * (value_width + 1)}:|",
+    ]
+    lines += [f"| {label:<{width}} | {value:>{value_width}} |" for label, value in rows]
+    lines += [
+        "",
+        "Not counted: the CUDA context, communication buffers, fragmentation; leave about a tenth of each GPU free "
+        "(docs/estimate.md).",
+    ]
     return "\n".join(lines)
