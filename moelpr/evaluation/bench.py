@@ -22,8 +22,12 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .lm_eval_tasks import LANGUAGES, TRANSLATION_SHOTS, write_translation_task
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager  # the eval extra: imported when a model is scored
 
 logger = logging.getLogger(__name__)
 
@@ -201,10 +205,18 @@ def _task_items(results: Mapping, task: str, metric: str) -> dict[str, list] | N
     return {"ids": [sample["doc_hash"] for sample in samples], "values": [sample[metric] for sample in samples]}
 
 
+def task_manager(include_paths: Sequence[Path]) -> TaskManager:
+    """lm-eval's task index over its own tasks and ``include_paths``: about 10 s to build on 2 cores, so one serves
+    every model of a run."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(p) for p in include_paths])
+
+
 def run_model(
     model_path: Path,
     plan_: Plan,
-    include_paths: Sequence[Path],
+    manager: TaskManager,
     device: str,
     batch_size: int | str,
     dtype: str,
@@ -212,15 +224,13 @@ def run_model(
     max_gen_toks: int | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, list]]], list[str]]:
     """Scores of one model, benchmark -> language -> score; the scored items the same way (for the intervals); and
-    one line per task that could not run. ``max_gen_toks`` caps the translations' generated tokens (default: the
-    task files' own)."""
+    one line per task that could not run. ``manager``: :func:`task_manager`'s index. ``max_gen_toks`` caps the
+    translations' generated tokens (default: the task files' own)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     import moelpr  # noqa: F401  (registers the MoE-LPR model types)
 
-    manager = TaskManager(include_path=[str(p) for p in include_paths])
     known = set(manager.all_tasks)
     model = HFLM(pretrained=str(model_path), device=device, batch_size=batch_size, dtype=dtype)
     gen_kwargs = None if max_gen_toks is None else {"max_gen_toks": max_gen_toks}
@@ -321,6 +331,7 @@ def score_models(checkpoints: Mapping[str, Path], output_dir: Path, settings: Be
     scores: dict[str, dict] = {}
     items: dict[str, dict] = {}
     missing = list(plan_.missing)
+    manager = None  # built when the first model has to run: a run that finds every score kept never pays for it
     for name, path in checkpoints.items():
         kept_settings = {
             "path": str(path),
@@ -336,10 +347,11 @@ def score_models(checkpoints: Mapping[str, Path], output_dir: Path, settings: Be
             logger.info("%s: scores of an earlier run with the same settings (%s)", name, saved)
             scores[name], items[name], failed = done["scores"], done["items"], done["failed"]
         else:
+            manager = manager or task_manager(include)
             scores[name], items[name], failed = run_model(
                 path,
                 plan_,
-                include,
+                manager,
                 settings.device,
                 settings.batch_size,
                 settings.dtype,
