@@ -3,7 +3,7 @@
 # LibreOffice's help; MoE-LPR (upcycle, stage 1, stage 2) is compared with dense full fine-tuning and with MoE-CT
 # on the same token budget, by per-language held-out perplexity and the routing report. See docs/demo.md.
 #
-#   bash scripts/demo.sh            # the demo (~30 min on 2 cores), outputs in work/demo/
+#   bash scripts/demo.sh            # the demo (~45 min on 2 cores in float32), outputs in work/demo/
 #   bash scripts/demo.sh --quick    # same pipeline, tiny corpora and a few steps (CI), outputs in work/demo-quick/
 #   bash scripts/demo.sh --compare  # also LoRA, LLaMA-Pro and review without LPR, 16k evaluated tokens per language,
 #                                   # and the comparison table and picture (scripts/compare.sh), in work/compare/
