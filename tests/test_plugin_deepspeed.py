@@ -32,9 +32,10 @@ pytestmark = pytest.mark.skipif(CLI is None, reason="llamafactory-cli is not ins
 
 # The processes on the CPU accelerator even where a GPU is visible.
 ON_CPU = {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+TWO_CPU_PROCESSES = {**ON_CPU, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
 # ZeRO stage: how the two processes are launched.
 LAUNCHES = {
-    2: {"nodes": 1, "env": {**ON_CPU, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}},
+    2: {"nodes": 1, "env": TWO_CPU_PROCESSES},
     3: {"nodes": 2, "env": {**ON_CPU, "NPROC_PER_NODE": "1"}, "stage1_stop": 2, "save_steps": 1},
 }
 
