@@ -3,9 +3,9 @@
 A user makes an environment with ``pip install llamafactory==0.9.5`` and then installs moelpr into it; pip picks
 whatever torch, transformers and the rest resolve to that day (torch 2.14.1 on 2026-12-07, where requirements.txt
 pins 2.11.0). This script makes such an environment, an empty virtual environment under the temporary directory,
-in those two steps (moelpr from this checkout with the ``eval`` and ``deepspeed`` extras, and pytest), prints what
-was resolved, and runs the tests of the core there: the models, upcycling, both stages through ``llamafactory-cli``,
-slim loading and the transformers export. Run by .ci/run after the main suite; the environment is deleted at the
+in those two steps (moelpr from this checkout with the ``eval`` and ``deepspeed`` extras, and pytest with
+pytest-xdist), prints what was resolved, and runs the tests of the core there: the models, upcycling, both stages
+through ``llamafactory-cli``, slim loading and the transformers export. Run by .ci/run after the main suite; the environment is deleted at the
 end. Needs the package index (as scripts/check_resolution.py does); nothing is written to pip's cache.
 
     python scripts/user_stack.py [--keep DIR]   # --keep: build the environment in DIR and leave it there
@@ -32,6 +32,8 @@ CORE_TESTS = [
     "tests/test_slim_checkpoints.py",
     "tests/test_export.py",
 ]
+# As the README's test command runs the suite: two workers, a module each.
+PYTEST = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadfile", "--no-loadscope-reorder"]
 REPORTED = ["torch", "torchaudio", "transformers", "peft", "trl", "accelerate", "datasets", "llamafactory", "deepspeed"]
 
 
@@ -58,13 +60,13 @@ def run_in(env_dir: Path) -> int:
     if not python.exists():
         venv.create(env_dir, with_pip=True)
     pip_install(python, LLAMAFACTORY)
-    pip_install(python, f"{REPO}[eval,deepspeed]", "pytest")
+    pip_install(python, f"{REPO}[eval,deepspeed]", "pytest", "pytest-xdist")
     print(f"user_stack: installed in {time.monotonic() - start:.0f} s: {versions(python)}", flush=True)
     # The environment's own commands (llamafactory-cli, moelpr, torchrun) first, as after `source bin/activate`.
     env = {**os.environ, "VIRTUAL_ENV": str(env_dir), "PATH": f"{env_dir / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     env.pop("PYTHONPATH", None)
     tests = subprocess.run(
-        [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(env_dir / "pytest"), *CORE_TESTS],
+        [str(python), *PYTEST, "--basetemp", str(env_dir / "pytest"), *CORE_TESTS],
         cwd=REPO,
         env=env,
     )

@@ -12,8 +12,9 @@ from llamafactory_cli import train_both_stages  # noqa: E402
 from tiny_models import save_dense_model  # noqa: E402
 
 # The README's test command runs the modules on two pytest-xdist workers (`-n 2 --dist loadfile`), each worker taking
-# the next module when it is free. Started last, a long module would run alone at the end; so the longest ones (as
-# `--durations` measured them on 2 cores, longest first) are handed out first and the two workers end together.
+# the next module when it is free, in the order of collection (`--no-loadscope-reorder`; xdist's own order puts the
+# modules with the most tests first). Started last, a long module would run alone at the end; so the longest ones
+# (as `--durations` measured them on 2 cores, longest first) are handed out first and the two workers end together.
 LONGEST_FIRST = (
     "test_demo.py",
     "test_plugin_deepspeed.py",
@@ -93,7 +94,9 @@ def gemma3_dense_dir(tmp_path_factory) -> Path:
     """
     from moelpr_lab.gguf.convert import convert_gguf, gemma3_270m_gguf_path
 
-    return built_once(tmp_path_factory, "gemma3", lambda directory: convert_gguf(gemma3_270m_gguf_path(), directory / "dense"))
+    return built_once(
+        tmp_path_factory, "gemma3", lambda directory: convert_gguf(gemma3_270m_gguf_path(), directory / "dense")
+    )
 
 
 @pytest.fixture(scope="session")
