@@ -33,7 +33,7 @@ CORE_TESTS = [
     "tests/test_export.py",
 ]
 # As the README's test command runs the suite: two workers, a module each.
-PYTEST = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadfile", "--no-loadscope-reorder"]
+PYTEST = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadfile"]
 REPORTED = ["torch", "torchaudio", "transformers", "peft", "trl", "accelerate", "datasets", "llamafactory", "deepspeed"]
 
 

@@ -11,28 +11,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from llamafactory_cli import train_both_stages  # noqa: E402
 from tiny_models import save_dense_model  # noqa: E402
 
-# The README's test command runs the modules on two pytest-xdist workers (`-n 2 --dist loadfile`), each worker taking
-# the next module when it is free, in the order of collection (`--no-loadscope-reorder`; xdist's own order puts the
-# modules with the most tests first). Started last, a long module would run alone at the end; so the longest ones
-# (as `--durations` measured them on 2 cores, longest first) are handed out first and the two workers end together.
-LONGEST_FIRST = (
-    "test_demo.py",
-    "test_plugin_deepspeed.py",
-    "test_families.py",
-    "test_checkpoint_saves.py",
-    "test_gguf_export.py",
-    "test_plugin_e2e.py",
-    "test_bench.py",
-    "test_slim_checkpoints.py",
-    "test_lm_eval.py",
-    "test_webui.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-
 
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
     """``build(directory)``'s result, built once per test run even across xdist's workers: they share the parent of
