@@ -5,8 +5,9 @@ whatever torch, transformers and the rest resolve to that day (torch 2.14.1 on 2
 pins 2.11.0). This script makes such an environment, an empty virtual environment under the temporary directory,
 in those two steps (moelpr from this checkout with the ``eval`` and ``deepspeed`` extras, and pytest with
 pytest-xdist), prints what was resolved, and runs the tests of the core there: the models, upcycling, both stages
-through ``llamafactory-cli``, slim loading and the transformers export. Run by .ci/run after the main suite; the environment is deleted at the
-end. Needs the package index (as scripts/check_resolution.py does); nothing is written to pip's cache.
+through ``llamafactory-cli``, slim loading and the transformers export. Run by .ci/run after the main suite; the
+environment is deleted at the end. Needs the package index (as scripts/check_resolution.py does); nothing is
+written to pip's cache.
 
     python scripts/user_stack.py [--keep DIR]   # --keep: build the environment in DIR and leave it there
 """
