@@ -54,27 +54,40 @@ def train(tmp_path: Path, name: str, env: dict[str, str] | None = None, nodes: i
     return output_dir
 
 
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def node_log(cwd: Path, recipe_stem: str, rank: int) -> Path:
+    """Where `launch` keeps the output of node ``rank`` of a multi-node run."""
+    return cwd / f"{recipe_stem}.node{rank}.log"
+
+
 def launch(
     recipe_file: Path, cwd: Path, env: dict[str, str] | None = None, nodes: int = 1
 ) -> subprocess.CompletedProcess:
     """`llamafactory-cli train recipe_file`, whatever its outcome. With ``nodes`` > 1, LLaMA-Factory's multi-node
     launch as a cluster runs it (`NNODES`, `NODE_RANK`, `MASTER_ADDR`/`MASTER_PORT`), every node a process of this
-    machine over loopback; each node's output is kept in ``cwd / "<recipe>.node<rank>.log"`` and the result joins
-    them (return code: the first non-zero one)."""
+    machine over loopback; each node's output is kept in its `node_log` and the result joins them (return code: the
+    first non-zero one)."""
     command = [CLI, "train", str(recipe_file)]
     env = {**os.environ, **(env or {})}
     if nodes == 1:
         return subprocess.run(command, check=False, cwd=cwd, capture_output=True, text=True, env=env)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    cluster = {**env, "FORCE_TORCHRUN": "1", "NNODES": str(nodes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    logs = [cwd / f"{recipe_file.stem}.node{rank}.log" for rank in range(nodes)]
+    cluster = {**env, "FORCE_TORCHRUN": "1", "NNODES": str(nodes), "MASTER_ADDR": "127.0.0.1"}
+    cluster["MASTER_PORT"] = str(free_port())
+    logs = [node_log(cwd, recipe_file.stem, rank) for rank in range(nodes)]
     processes = []
     for rank, log in enumerate(logs):
         with log.open("w") as out:
-            processes.append(subprocess.Popen(command, cwd=cwd, env={**cluster, "NODE_RANK": str(rank)}, stdout=out,
-                                              stderr=subprocess.STDOUT))
+            processes.append(
+                subprocess.Popen(
+                    command, cwd=cwd, env={**cluster, "NODE_RANK": str(rank)}, stdout=out, stderr=subprocess.STDOUT
+                )
+            )
     codes = [process.wait() for process in processes]
     text = "\n".join(log.read_text() for log in logs)
     return subprocess.CompletedProcess(command, next((c for c in codes if c), 0), stdout="", stderr=text)

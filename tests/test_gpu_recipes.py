@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from llamafactory_cli import CLI, REPO, train
+from llamafactory_cli import CLI, REPO, free_port, train
 from safetensors import safe_open
 from test_plugin_deepspeed import TWO_CPU_PROCESSES
 
@@ -66,12 +65,6 @@ print(json.dumps(parsed))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _stage(recipe: Path) -> str:
     return recipe.stem
 
@@ -84,7 +77,7 @@ def parsed(upcycled_llama_dir) -> dict[str, dict]:
         "WORLD_SIZE": "1",
         "LOCAL_WORLD_SIZE": "1",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "CUDA_VISIBLE_DEVICES": "",
         "DS_ACCELERATOR": "cpu",
     }

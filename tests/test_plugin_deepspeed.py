@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 import pytest
-from llamafactory_cli import CLI, REPO, train_both_stages
+from llamafactory_cli import CLI, REPO, node_log, train_both_stages
 from safetensors.torch import load_file
 from test_plugin_e2e import changed, old_language_expert0_share, routing_log, weights
 
@@ -84,7 +84,7 @@ def test_review_under_zero_pulls_old_language_tokens_to_expert0(zero_outputs):
 
 @pytest.mark.parametrize("zero_outputs", [3], indirect=True, ids=["zero3"])
 def test_two_nodes_write_the_slim_model_once_and_resume(zero_outputs):
-    logs = "\n".join((zero_outputs["tmp"] / f"stage1.node{rank}.log").read_text() for rank in (0, 1))
+    logs = "\n".join(node_log(zero_outputs["tmp"], "stage1", rank).read_text() for rank in (0, 1))
     # Both nodes of the second launch took up the first launch's last checkpoint and trained the one step left.
     assert logs.count("Resuming training from checkpoint with epoch 0 and global step 2") == 2
     assert json.loads((zero_outputs["stage1"] / "trainer_state.json").read_text())["global_step"] == 3

@@ -17,7 +17,7 @@ import time
 
 import pytest
 import yaml
-from llamafactory_cli import CLI, REPO
+from llamafactory_cli import CLI, REPO, free_port
 from test_plugin_e2e import changed, weights
 
 from moelpr.llamafactory_plugin.webui import RECIPE_COMMON, RECIPE_FIELDS, RECIPE_LANG_MASK
@@ -43,12 +43,6 @@ def test_panel_defaults_are_the_recipes():
         assert RECIPE_LANG_MASK[stage] == recipe.get("generate_lang_mask", False)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def webui(tmp_path):
     """`llamafactory-cli webui` in a fresh working directory holding data/ with the repo's registered corpora."""
@@ -58,7 +52,7 @@ def webui(tmp_path):
         "(.ci/run installs them)"
     )
     shutil.copytree(REPO / "data", tmp_path / "data")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1"}
     env |= {"GRADIO_ANALYTICS_ENABLED": "False", "BROWSER": "true"}  # no phoning home, no browser of its own
     log = (tmp_path / "webui.log").open("w")
@@ -149,7 +143,8 @@ class Board:
         field = self.field(label)
         field.click()
         time.sleep(settle)  # let a refill on focus land first
-        if field.get_attribute("value"):  # a single choice shows its value; in a multiselect, backspace would remove one
+        # A single choice shows its value; in a multiselect, backspace would remove one.
+        if field.get_attribute("value"):
             field.send_keys(Keys.CONTROL, "a", Keys.BACKSPACE)
         field.send_keys(option)  # filters the options, as a user types to find one among many
         xpath = f"//ul[contains(@class,'options')]/li[@aria-label='{option}']"
