@@ -5,10 +5,52 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..estimate import DTYPE_BYTES, STAGES, ZERO_STAGES, Setup, estimate, format_table, read_config
+from ..estimate import DTYPE_BYTES, GIB, STAGES, ZERO_STAGES, Estimate, Setup, estimate, read_config
 from ..models.configuration import DEFAULT_EXPERTS, METHOD_NAMES
 from ..upcycling.upcycle import expert_layout
 from .runner import run_command
+
+
+def format_table(result: Estimate) -> str:
+    """The estimate as a Markdown table (readable as plain text too)."""
+    shape = result.shape
+
+    def params(n: float) -> str:
+        return f"{n / 1e9:,.2f} B" if n >= 1e8 else f"{n / 1e6:,.2f} M"
+
+    def gib(n: float) -> str:
+        return f"{n / GIB:,.1f} GiB" if n >= GIB else f"{n / 2**20:,.1f} MiB"
+
+    rows = [
+        ("parameters: total (dense model)", f"{params(shape.total)} ({params(shape.dense_total)})"),
+        ("parameters: trained", params(shape.trained)),
+        ("parameters: active per token", params(shape.active)),
+    ]
+    rows += [(f"per GPU: {name}", gib(value)) for name, value in result.memory.items()]
+    if result.cpu_memory_per_node:
+        rows.append(("CPU memory per node (offloaded states)", gib(result.cpu_memory_per_node)))
+    rows += [(f"disk: {name}", gib(value)) for name, value in result.disk.items()]
+    flops = result.flops_per_token
+    rows += [
+        ("training GFLOPs per token: this stage", f"{flops['stage'] / 1e9:,.2f}"),
+        ("training GFLOPs per token: dense full training", f"{flops['dense full training'] / 1e9:,.2f}"),
+        ("training FLOPs: this stage / dense full training", f"{flops['ratio']:.2f}x"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    value_width = max(len(value) for _, value in rows)
+    lines = [
+        f"Estimate: {result.description}",
+        "",
+        f"| {'':<{width}} | {'estimate':>{value_width}} |",
+        f"|{'-' * (width + 2)}|{'-' * (value_width + 1)}:|",
+    ]
+    lines += [f"| {label:<{width}} | {value:>{value_width}} |" for label, value in rows]
+    lines += [
+        "",
+        "Not counted: the CUDA context, communication buffers, fragmentation; leave about a tenth of each GPU free "
+        "(docs/estimate.md).",
+    ]
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
