@@ -1,5 +1,5 @@
 """What ``pip install moelpr`` ships: the library and its startup hook, not the lab (lab/moelpr_lab), the tests or
-the scripts; and the library neither imports the lab nor runs Debian's package tools."""
+the scripts; and the library neither imports the lab nor runs Debian's package tools, in modules of one concern each."""
 
 from __future__ import annotations
 
@@ -75,3 +75,13 @@ def test_the_library_does_not_run_debian_package_tools():
         if "apt-get" in line or "dpkg-deb" in line
     ]
     assert mentions == []
+
+
+def test_no_library_module_is_past_450_lines():
+    # The size at which issue 29 split moe.py, export and the CLIs by concern; a module past it holds more than one.
+    long_modules = {
+        str(path.relative_to(REPO)): lines
+        for path in _library_sources()
+        if (lines := path.read_text(encoding="utf-8").count("\n")) > 450
+    }
+    assert long_modules == {}
