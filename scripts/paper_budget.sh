@@ -10,8 +10,9 @@
 #                    and 33% of its tokens (6, 12, 30, 60 and 200 steps) in three arms: the paper's LPR form, the
 #                    authors', and the same replay without LPR; the 5% ones with a second seed and again over 4x the
 #                    steps at batch 1; dense full training of 600 steps as the reference. work/review-budget/
-#   --budgets LIST   with --review-budget: only these review shares, in percent (default 5,33,1,2,10; the order
-#                    they train in)
+#   --budgets LIST   with --review-budget: only these reviews, each in the three arms, in this order (default
+#                    5,5seed2,5x4,33,1,2,10): a share in percent, 5seed2 the 5% reviews with the second seed, 5x4
+#                    the 5% reviews over 4x the steps
 #   --no_reference   with --review-budget: skip the dense reference (its 600 steps cost as much as stage 1)
 #   --layermoe       LayerMoE (arXiv 2505.22582) against uniform MoE-LPR on the demo's data and steps (60 + 20):
 #                    uniform 4 experts (90 new experts), auto:90 (the same number, placed by similarity) and auto:45
@@ -27,7 +28,7 @@ export PYTHONPATH="$PWD/lab${PYTHONPATH:+:$PYTHONPATH}"
 
 MODE=
 QUICK=0
-BUDGETS=5,33,1,2,10
+BUDGETS=5,5seed2,5x4,33,1,2,10
 REFERENCE=1
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -46,8 +47,8 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$MODE" ] || { echo "paper_budget.sh: choose --review-budget or --layermoe (see --help)" >&2; exit 2; }
 for budget in ${BUDGETS//,/ }; do
-    case "$budget" in 1|2|5|10|33) ;;
-        *) echo "paper_budget.sh: unknown review share $budget in --budgets (use 1, 2, 5, 10, 33)" >&2; exit 2 ;;
+    case "$budget" in 1|2|5|5seed2|5x4|10|33) ;;
+        *) echo "paper_budget.sh: unknown review $budget in --budgets (use 1, 2, 5, 5seed2, 5x4, 10, 33)" >&2; exit 2 ;;
     esac
 done
 
@@ -130,23 +131,20 @@ if [ "$MODE" = review-budget ]; then
         METHODS+=("$name|MoE-LPR, review $share%, $arm ($steps x $batch, seed $seed)|stage1,$name")
         REVIEWS+=("$name|$arm|$share|$steps|$batch|$seed")
     }
-    for share in ${BUDGETS//,/ }; do
+    # 5seed2: a second review seed (same stage 1). 5x4: the 5% review's tokens over 4x the steps at batch 1, whether
+    # the share of tokens or the number of router steps decides (4 blocks per step do not split in 3).
+    for budget in ${BUDGETS//,/ }; do
+        share=${budget%%[!0-9]*}
         for entry in "${REVIEW_BUDGETS[@]}"; do
-            IFS=: read -r budget steps samples <<<"$entry"
-            [ "$budget" = "$share" ] || continue
+            IFS=: read -r entry_share steps samples <<<"$entry"
+            [ "$entry_share" = "$share" ] || continue
             for arm in paper authors none; do
-                review "review${share}_$arm" "$arm" "$share" "$steps" "$samples" 4 42
+                case "$budget" in
+                    *seed2) review "review${share}_${arm}_seed2" "$arm" "$share" "$steps" "$samples" 4 43 ;;
+                    *x4) review "review${share}x4_$arm" "$arm" "$share" "$((steps * 4))" "$samples" 1 42 ;;
+                    *) review "review${share}_$arm" "$arm" "$share" "$steps" "$samples" 4 42 ;;
+                esac
             done
-            if [ "$share" = 5 ]; then
-                # A second review seed (same stage 1), then the same tokens over 4x the steps at batch 1: whether the
-                # share of tokens or the number of router steps decides (4 blocks per step do not split in 3).
-                for arm in paper authors none; do
-                    review "review5_${arm}_seed2" "$arm" 5 "$steps" "$samples" 4 43
-                done
-                for arm in paper authors none; do
-                    review "review5x4_$arm" "$arm" 5 "$((steps * 4))" "$samples" 1 42
-                done
-            fi
         done
     done
     if [ "$REFERENCE" = 1 ]; then
