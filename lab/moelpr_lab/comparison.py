@@ -218,7 +218,8 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:.1f}M"
 
 
-def _pct(value: float, low: float, high: float) -> str:
+def percent_cell(value: float, low: float, high: float) -> str:
+    """A relative change and its interval as a table cell, in percent; ``*`` where the interval excludes 0."""
     mark = "*" if low > 0 or high < 0 else ""
     return f"{100 * value:+.1f}%{mark} [{100 * low:+.1f}, {100 * high:+.1f}]"
 
@@ -252,7 +253,7 @@ def markdown(result: dict) -> str:
         "|---|" + "---:|" * (len(new) * 2 + len(old)),
     ]
     for row in result["methods"]:
-        changes = [_pct(row["languages"][lang]["change"], *row["languages"][lang]["change_interval"])
+        changes = [percent_cell(row["languages"][lang]["change"], *row["languages"][lang]["change_interval"])
                    for lang in (*new, *old)]
         kept = ["{:.0%} [{:.0%}, {:.0%}]".format(*row["languages"][lang]["gain_share"]) for lang in new]
         lines.append(f"| {row['label']} | " + " | ".join(changes + kept) + " |")
@@ -281,7 +282,7 @@ def markdown(result: dict) -> str:
     ]
     for row in result["methods"]:
         lines.append(
-            f"| {row['label']} | {_pct(*row['new_mean_change'])} | {_pct(*row['old_mean_change'])} | "
+            f"| {row['label']} | {percent_cell(*row['new_mean_change'])} | {percent_cell(*row['old_mean_change'])} | "
             f"{_millions(row['trainable_params'])} | {_millions(row['total_params'])} | "
             f"{_millions(row['active_params'])} | {row['train_seconds'] / row['train_steps']:.2f} | "
             f"{row['eval_tokens_per_second']:.0f} |"

@@ -27,6 +27,8 @@ from pathlib import Path
 from moelpr.evaluation.intervals import change_interval, document_units, gain_share_interval, mean_change_interval
 from moelpr.models.statistics import EXPERT0_TOP1_SHARE_KEY
 
+from .comparison import percent_cell
+
 ARMS = ("paper", "authors", "none")
 ARM_LABELS = {"paper": "LPR, paper's form", "authors": "LPR, authors' form", "none": "no LPR (replay only)"}
 GENERAL, HELP = "en_general", "en"
@@ -119,12 +121,6 @@ def review_budget(eval_dir: Path, reviews_file: Path) -> dict:
     }
 
 
-def _pct(cell: Sequence[float]) -> str:
-    value, low, high = cell
-    mark = "*" if low > 0 or high < 0 else ""
-    return f"{100 * value:+.1f}%{mark} [{100 * low:+.1f}, {100 * high:+.1f}]"
-
-
 def markdown(result: dict) -> str:
     stage1 = result["stage1"]
     lines = [
@@ -138,17 +134,17 @@ def markdown(result: dict) -> str:
         "| review | share of stage 1 | steps x batch | seed | general English vs base | vs stage 1 | recovery "
         "| help English vs base | new languages vs base | vs stage 1 | expert 0 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| stage 1 (no review) | | | | {_pct(stage1['general_english']['vs_base'])} | | "
-        f"| {_pct(stage1['help_english']['vs_base'])} | {_pct(stage1['new_mean']['vs_base'])} | "
+        f"| stage 1 (no review) | | | | {percent_cell(*stage1['general_english']['vs_base'])} | | "
+        f"| {percent_cell(*stage1['help_english']['vs_base'])} | {percent_cell(*stage1['new_mean']['vs_base'])} | "
         f"| {100 * stage1['old_expert0_top1_share']:.0f}% |",
     ]
     for r in sorted(result["reviews"], key=lambda r: (r["percent"], r["steps"], ARMS.index(r["arm"]), r["seed"])):
         recovery, low, high = r["general_english_recovery"]
         lines.append(
             f"| {ARM_LABELS[r['arm']]} | {r['percent']:g}% | {r['steps']} x {r['batch']} | {r['seed']} "
-            f"| {_pct(r['general_english']['vs_base'])} | {_pct(r['general_english']['vs_stage1'])} "
-            f"| {100 * recovery:.0f}% [{100 * low:.0f}, {100 * high:.0f}] | {_pct(r['help_english']['vs_base'])} "
-            f"| {_pct(r['new_mean']['vs_base'])} | {_pct(r['new_mean']['vs_stage1'])} "
+            f"| {percent_cell(*r['general_english']['vs_base'])} | {percent_cell(*r['general_english']['vs_stage1'])} "
+            f"| {100 * recovery:.0f}% [{100 * low:.0f}, {100 * high:.0f}] | {percent_cell(*r['help_english']['vs_base'])} "
+            f"| {percent_cell(*r['new_mean']['vs_base'])} | {percent_cell(*r['new_mean']['vs_stage1'])} "
             f"| {100 * r['old_expert0_top1_share']:.0f}% |"
         )
     return "\n".join(lines) + "\n"
