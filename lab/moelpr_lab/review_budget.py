@@ -152,7 +152,8 @@ def markdown(result: dict) -> str:
 
 def recovery_plot(result: dict, path: Path) -> None:
     """Recovery of general English (y) against the review's tokens (x, log scale), one line per arm through the
-    mean of its seeds at each budget; reviews with smaller batches (more steps for the same tokens) as open marks."""
+    mean of its seeds at each budget, each review's interval as a bar; reviews with smaller batches (more steps for
+    the same tokens) as open marks."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,11 +174,16 @@ def recovery_plot(result: dict, path: Path) -> None:
             for t in tokens
         ]
         (line,) = ax.plot(tokens, means, marker="o", label=ARM_LABELS[arm])
-        ax.scatter(
+        # Each review (every seed) with its bootstrap interval over the held-out documents.
+        recovery = [[100 * v for v in r["general_english_recovery"]] for r in full]
+        ax.errorbar(
             [r["tokens"] for r in full],
-            [100 * r["general_english_recovery"][0] for r in full],
-            color=line.get_color(),
-            s=12,
+            [y for y, _, _ in recovery],
+            yerr=[[y - low for y, low, _ in recovery], [high - y for y, _, high in recovery]],
+            fmt="none",
+            ecolor=line.get_color(),
+            capsize=3,
+            alpha=0.6,
         )
         small = [r for r in rows if r["batch"] != batch]
         if small:
